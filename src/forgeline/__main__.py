@@ -1,0 +1,5 @@
+"""``python -m forgeline``."""
+
+from forgeline.cli import main
+
+main()

@@ -1,0 +1,61 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import structlog
+from fastapi import FastAPI
+
+from forgeline import __version__
+from forgeline.api.errors import install_error_handlers
+from forgeline.api.routes import health, jobs, pipelines
+from forgeline.runtime import Runtime
+from forgeline.settings import Settings
+
+logger = structlog.get_logger("forgeline.api")
+
+
+def create_app(
+    settings: Settings, *, with_worker: bool = False, runtime: Runtime | None = None
+) -> FastAPI:
+    """Build the API; with ``with_worker``, the same process also runs jobs.
+
+    Pass a started ``runtime`` to have start-up errors raised to the caller
+    before the server listens; otherwise the lifespan starts one.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal runtime
+        if runtime is None:
+            runtime = await Runtime.start(settings)
+        app.state.runtime = runtime
+        stop = asyncio.Event()
+        worker = asyncio.create_task(runtime.run_worker(stop)) if with_worker else None
+        logger.info("forgeline ready", action="start", worker=with_worker, version=__version__)
+        try:
+            yield
+        finally:
+            stop.set()
+            if worker is not None:
+                await worker
+            await runtime.close()
+            logger.info("forgeline stopped", action="stop")
+
+    app = FastAPI(
+        title="forgeline",
+        version=__version__,
+        description="Durable, streaming AI generation jobs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.started_at = time.monotonic()
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(pipelines.router)
+    return app

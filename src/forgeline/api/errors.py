@@ -1,0 +1,90 @@
+"""Every error becomes the JSON envelope ``{"error": {"code", "message", "details"}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from procrastinate.exceptions import ConnectorException
+from sqlalchemy.exc import DBAPIError
+from starlette.exceptions import HTTPException
+
+from forgeline import errors
+
+logger = structlog.get_logger("forgeline.api")
+
+STATUS_BY_ERROR: list[tuple[type[errors.ForgelineError], int]] = [
+    (errors.NotFoundError, 404),
+    (errors.ConflictError, 409),
+    (errors.InvalidInputError, 422),
+    (errors.BackendUnavailableError, 503),
+    (errors.StorageError, 503),
+    (errors.DatabaseUnavailableError, 503),
+]
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
+              415: "unsupported_media_type", 429: "rate_limited"}  # fmt: skip
+
+
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """A response in the error envelope."""
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _forgeline_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.ForgelineError)
+    status = next((s for kind, s in STATUS_BY_ERROR if isinstance(exc, kind)), 500)
+    if status == 500:
+        logger.error("unexpected forgeline error", action="error", code=exc.code)
+        return error_response(500, "internal_error", "internal error")
+    headers = {"Retry-After": "5"} if status == 503 else None
+    return error_response(status, exc.code, exc.message, exc.details, headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = exc.errors()
+    if any(problem.get("type") == "json_invalid" for problem in problems):
+        return error_response(400, "malformed_json", "the request body is not valid JSON")
+    details = [
+        {"loc": list(p.get("loc", ())), "msg": p.get("msg", ""), "type": p.get("type", "")}
+        for p in problems
+    ]
+    return error_response(422, "invalid_request", "the request is invalid", details)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+
+async def _dependency_down(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database unavailable", action="database_unavailable", error=type(exc).__name__)
+    return error_response(
+        503, "database_unavailable", "the database is unavailable; try again shortly",
+        headers={"Retry-After": "5"},
+    )  # fmt: skip
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error", action="error")
+    return error_response(500, "internal_error", "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception type to its envelope."""
+    app.add_exception_handler(errors.ForgelineError, _forgeline_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    # The database or the queue's connection failed: the client may retry.
+    app.add_exception_handler(DBAPIError, _dependency_down)
+    app.add_exception_handler(ConnectorException, _dependency_down)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,1 @@
+"""Model backends: where generated text comes from."""

@@ -1,0 +1,130 @@
+"""A backend for any OpenAI-compatible server, on the official ``openai`` SDK.
+
+vLLM, Ollama, llama.cpp's server, TGI, OpenAI itself and Gemini's
+OpenAI-compatible endpoint all speak the chat completions protocol, so one
+adapter serves them all. Requests are capped per process, and retried only
+before the first token: once text has streamed to a client, a silent retry
+would produce a different story, so the job's own retry (announced to
+clients) takes over instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+
+from forgeline.backends.base import Backend, Delta, GenerationRequest, Usage
+from forgeline.errors import BackendError, BackendUnavailableError
+
+#: Status codes worth retrying: rate limited, or the server's own trouble.
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class OpenAICompatibleBackend(Backend):
+    """Streams chat completions from an OpenAI-compatible server."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        name: str = "openai",
+        connect_timeout_s: float = 5.0,
+        timeout_s: float = 120.0,
+        max_concurrency: int = 16,
+        max_retries: int = 2,
+        retry_backoff_s: float = 0.5,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url
+        self.model = model
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self._slots = asyncio.Semaphore(max_concurrency)
+        # The SDK's own retries would also fire mid-stream; ours are explicit.
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            # Local servers ignore the key, but the SDK insists on one.
+            api_key=api_key or "not-needed",
+            timeout=openai.Timeout(timeout_s, connect=connect_timeout_s),
+            max_retries=0,
+        )
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        async with self._slots:
+            stream = await self._open_with_retries(request)
+            try:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        yield Delta(
+                            "",
+                            Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens),
+                        )
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            yield Delta(choice.delta.content)
+            except openai.OpenAIError as exc:
+                raise _translate(exc, self.base_url) from None
+            finally:
+                await stream.close()
+
+    async def _open_with_retries(self, request: GenerationRequest) -> Any:
+        messages: list[dict[str, str]] = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.append({"role": "user", "content": request.prompt})
+        attempt = 0
+        while True:
+            try:
+                return await self._client.chat.completions.create(  # type: ignore[call-overload]
+                    model=self.model,
+                    messages=messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    max_tokens=request.max_tokens,
+                    temperature=request.temperature,
+                    seed=request.seed,
+                    stop=list(request.stop) or None,
+                )
+            except openai.OpenAIError as exc:
+                error = _translate(exc, self.base_url)
+                if not error.retryable or attempt >= self.max_retries:
+                    raise error from None
+            attempt += 1
+            # Full jitter keeps many workers from retrying in lockstep.
+            await asyncio.sleep(random.uniform(0, self.retry_backoff_s * 2**attempt))  # noqa: S311
+
+    async def check(self) -> str:
+        try:
+            models = await self._client.models.list()
+        except openai.OpenAIError as exc:
+            raise _translate(exc, self.base_url) from None
+        names = [model.id for model in models.data]
+        if names and self.model not in names:
+            raise BackendError(
+                f"{self.base_url} does not serve model {self.model!r} "
+                f"(it serves: {', '.join(names[:10])})"
+            )
+        return f"{self.model} at {self.base_url}"
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _translate(exc: openai.OpenAIError, base_url: str) -> BackendError:
+    """Map an SDK error onto forgeline's errors, keeping the server's words."""
+    if isinstance(exc, openai.APITimeoutError):
+        return BackendUnavailableError(f"the model server at {base_url} timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        return BackendUnavailableError(f"the model server at {base_url} is unreachable")
+    if isinstance(exc, openai.APIStatusError):
+        message = f"the model server at {base_url} answered {exc.status_code}: {exc.message}"
+        if exc.status_code in RETRYABLE_STATUS:
+            return BackendUnavailableError(message)
+        return BackendError(message)
+    return BackendError(f"the model server at {base_url} failed: {exc}")

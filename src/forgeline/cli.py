@@ -1,0 +1,302 @@
+"""The ``forgeline`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from typing import Annotated, Any
+
+import httpx
+import typer
+import uvicorn
+from rich.console import Console
+from rich.table import Table
+
+from forgeline import __version__
+from forgeline.errors import ConfigurationError, ForgelineError
+from forgeline.logs import configure_logging
+from forgeline.settings import Settings, get_settings
+
+app = typer.Typer(
+    name="forgeline",
+    help="Durable, streaming AI generation jobs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+HostOption = Annotated[str | None, typer.Option(help="Interface to listen on.")]
+PortOption = Annotated[int | None, typer.Option(help="Port to listen on.")]
+
+
+def _settings(**overrides: Any) -> Settings:
+    """Load settings or exit 2 with one line per problem."""
+    try:
+        settings = get_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigurationError as exc:
+        for line in exc.message.splitlines():
+            err.print(f"[red]error:[/red] {line}", highlight=False)
+        raise typer.Exit(2) from None
+    configure_logging(settings)
+    return settings
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _serve(settings: Settings, *, with_worker: bool) -> None:
+    try:
+        started = asyncio.run(_serve_async(settings, with_worker=with_worker))
+    except ForgelineError as exc:
+        raise _fail(exc.message, 2) from None
+    except OSError as exc:
+        raise _fail(f"cannot reach the database: {exc}") from None
+    if not started:
+        raise typer.Exit(1)
+
+
+async def _serve_async(settings: Settings, *, with_worker: bool) -> bool:
+    from forgeline.api.app import create_app
+    from forgeline.runtime import Runtime
+
+    # Started before listening, so a bad setting is one line and exit 2.
+    runtime = await Runtime.start(settings)
+    config = uvicorn.Config(
+        create_app(settings, with_worker=with_worker, runtime=runtime),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+    )
+    server = uvicorn.Server(config)
+    await server.serve()
+    return server.started
+
+
+@app.command()
+def serve(host: HostOption = None, port: PortOption = None) -> None:
+    """Run the API and a worker in one process (the embedded default)."""
+    settings = _settings(host=host, port=port)
+    if settings.embedded_database:
+        err.print(f"forgeline {__version__}: embedded database in {settings.data_dir}")
+    err.print(f"forgeline listening on http://{settings.host}:{settings.port}")
+    _serve(settings, with_worker=True)
+
+
+@app.command()
+def api(host: HostOption = None, port: PortOption = None) -> None:
+    """Run the API only (scale it with replicas)."""
+    _serve(_settings(host=host, port=port), with_worker=False)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Jobs run at once by this process.")
+    ] = None,
+) -> None:
+    """Run a worker only (scale it on queue depth)."""
+    settings = _settings(worker_concurrency=concurrency)
+    try:
+        asyncio.run(_run_worker(settings))
+    except ForgelineError as exc:
+        raise _fail(exc.message, 2) from None
+
+
+async def _run_worker(settings: Settings) -> None:
+    from forgeline.runtime import Runtime
+
+    runtime = await Runtime.start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    err.print(f"forgeline worker running {settings.worker_concurrency} jobs at a time")
+    try:
+        await runtime.run_worker(stop)
+    finally:
+        await runtime.close()
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations, then exit."""
+    settings = _settings()
+
+    async def run() -> None:
+        from forgeline.db import migrate as migrations
+        from forgeline.db.engine import create_engine
+        from forgeline.runtime import resolve_database
+
+        engine = create_engine(await resolve_database(settings), pool_size=1)
+        try:
+            pending = await migrations.pending_revisions(engine)
+            await migrations.upgrade(engine)
+        finally:
+            await engine.dispose()
+        out.print(f"database schema is current ({len(pending)} migration(s) applied)")
+
+    try:
+        asyncio.run(run())
+    except ForgelineError as exc:
+        raise _fail(exc.message, 2) from None
+    except OSError as exc:
+        raise _fail(f"cannot reach the database: {exc}") from None
+
+
+@app.command()
+def doctor() -> None:
+    """Show the effective settings (secrets hidden) and check every dependency."""
+    settings = _settings()
+    table = Table("setting", "value", title="effective settings")
+    for name, value in settings.redacted().items():
+        table.add_row(name, value)
+    out.print(table)
+    try:
+        results = asyncio.run(_doctor_checks(settings))
+    except ForgelineError as exc:
+        raise _fail(exc.message) from None
+    checks = Table("check", "result", "detail", "ms", title="dependencies")
+    for name, ok, critical, detail, ms in results:
+        verdict = (
+            "[green]ok[/green]"
+            if ok
+            else ("[red]FAIL[/red]" if critical else "[yellow]warn[/yellow]")
+        )
+        checks.add_row(name, verdict, detail, f"{ms:.0f}")
+    out.print(checks)
+    failed = [name for name, ok, critical, *_ in results if critical and not ok]
+    warned = [name for name, ok, critical, *_ in results if not critical and not ok]
+    if failed:
+        out.print(f"[red]verdict: not ready[/red] ({', '.join(failed)} failing)")
+        raise typer.Exit(1)
+    if warned:
+        out.print(f"[yellow]verdict: ready, with warnings[/yellow] ({', '.join(warned)})")
+    else:
+        out.print("[green]verdict: ready[/green]")
+
+
+async def _doctor_checks(settings: Settings) -> list[tuple[str, bool, bool, str, float]]:
+    from forgeline.db.migrate import pending_revisions
+    from forgeline.health import run_checks
+    from forgeline.runtime import Runtime
+
+    try:
+        runtime = await Runtime.start(settings)
+    except OSError as exc:
+        return [("database", False, True, f"cannot connect: {exc}", 0.0)]
+    try:
+        results = [
+            (r.name, r.ok, r.critical, r.detail, r.duration_ms) for r in await run_checks(runtime)
+        ]
+        pending = await pending_revisions(runtime.engine)
+        detail = (
+            "current"
+            if not pending
+            else f"{len(pending)} migration(s) pending: run `forgeline migrate`"
+        )
+        results.insert(1, ("schema", not pending, True, detail, 0.0))
+        return results
+    finally:
+        await runtime.close()
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The idea for the story.")],
+    url: Annotated[
+        str | None,
+        typer.Option(help="A running forgeline (http://host:port); default: in-process."),
+    ] = None,
+    genre: Annotated[str | None, typer.Option(help="e.g. fantasy, mystery.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 512,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.8,
+    seed: Annotated[int | None, typer.Option(min=0)] = None,
+) -> None:
+    """Write a story with the story pipeline and print it."""
+    story_input: dict[str, Any] = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
+    if genre is not None:
+        story_input["genre"] = genre
+    if seed is not None:
+        story_input["seed"] = seed
+    if url is None:
+        settings = _settings()
+        try:
+            job = asyncio.run(_generate_in_process(settings, story_input))
+        except ForgelineError as exc:
+            raise _fail(exc.message) from None
+    else:
+        _settings()
+        job = _generate_remote(url.rstrip("/"), story_input)
+    if job["status"] != "succeeded":
+        error = job.get("error") or {}
+        raise _fail(f"job {job['id']} {job['status']}: {error.get('message', 'no reason given')}")
+    out.print(job["result"]["text"].strip(), highlight=False, markup=False)
+
+
+async def _generate_in_process(settings: Settings, story_input: dict[str, Any]) -> dict[str, Any]:
+    from forgeline.api.schemas import JobOut
+    from forgeline.runtime import Runtime
+
+    settings = settings.model_copy(update={"worker_concurrency": 1})
+    runtime = await Runtime.start(settings)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_worker(stop))
+    try:
+        submission = await runtime.jobs.submit(owner=None, pipeline="story", job_input=story_input)
+        with err.status("writing…"):
+            while True:
+                job = await runtime.jobs.get(submission.job.id, owner=None)
+                if job.status.is_final:
+                    return JobOut.from_job(job).model_dump(mode="json")
+                await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await worker
+        await runtime.close()
+
+
+def _generate_remote(url: str, story_input: dict[str, Any]) -> dict[str, Any]:
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            response = client.post("/api/v1/jobs", json={"pipeline": "story", "input": story_input})
+            if response.status_code >= 400:
+                raise _fail(_error_message(response))
+            job: dict[str, Any] = response.json()
+            with err.status("writing…"):
+                while job["status"] not in {"succeeded", "failed", "cancelled"}:
+                    time.sleep(0.2)
+                    response = client.get(f"/api/v1/jobs/{job['id']}")
+                    if response.status_code >= 400:
+                        raise _fail(_error_message(response))
+                    job = response.json()
+            return job
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach forgeline at {url}: {exc}") from None
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code} from {response.request.url}"
+
+
+def main() -> None:
+    """Entry point of the ``forgeline`` script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,75 @@
+"""forgeline's error hierarchy.
+
+Adapters translate driver and SDK errors into these at their boundary, so code
+above them (services, pipelines, routes) never catches ``psycopg`` or ``openai``
+exceptions. Each error carries a stable ``code`` that reaches clients in the
+JSON error envelope and in a failed job's ``error.code``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ForgelineError(Exception):
+    """Base of every error forgeline raises on purpose."""
+
+    code: str = "internal_error"
+    #: Whether a job that failed with this error may be tried again.
+    retryable: bool = False
+
+    def __init__(self, message: str, *, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ConfigurationError(ForgelineError):
+    """Settings are invalid or inconsistent."""
+
+    code = "configuration_error"
+
+
+class NotFoundError(ForgelineError):
+    """A job, pipeline or artifact does not exist (or is not the caller's)."""
+
+    code = "not_found"
+
+
+class ConflictError(ForgelineError):
+    """The request conflicts with the current state (finished job, reused key)."""
+
+    code = "conflict"
+
+
+class InvalidInputError(ForgelineError):
+    """Input that passed the schema but cannot be used."""
+
+    code = "invalid_input"
+
+
+class BackendError(ForgelineError):
+    """A model backend failed in a way that retrying will not fix."""
+
+    code = "backend_error"
+
+
+class BackendUnavailableError(BackendError):
+    """A model backend could not be reached, was overloaded or timed out."""
+
+    code = "backend_unavailable"
+    retryable = True
+
+
+class StorageError(ForgelineError):
+    """Object storage refused or failed an operation."""
+
+    code = "storage_error"
+    retryable = True
+
+
+class DatabaseUnavailableError(ForgelineError):
+    """The database could not be reached."""
+
+    code = "database_unavailable"
+    retryable = True

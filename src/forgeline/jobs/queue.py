@@ -1,0 +1,97 @@
+"""The queue: Procrastinate on the same PostgreSQL as the jobs table.
+
+forgeline's ``jobs`` table is the source of truth for a job's state; the
+Procrastinate job is only the delivery mechanism. One Procrastinate task,
+``forgeline.run_job``, carries a job id. It is deferred on the caller's own
+connection, inside the transaction that writes the job row, so a job is
+either both stored and queued or neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from procrastinate import App, PsycopgConnector, RetryDecision
+from procrastinate import exceptions as procrastinate_errors
+from procrastinate.jobs import Job as QueueJob
+from procrastinate.retry import BaseRetryStrategy
+
+QUEUE_NAME = "forgeline"
+TASK_NAME = "forgeline.run_job"
+
+
+class RetryLater(Exception):
+    """Raised by the job runner to have Procrastinate deliver the job again."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(f"retry in {delay_s:g} s")
+        self.delay_s = delay_s
+
+
+class RunnerRetryStrategy(BaseRetryStrategy):
+    """Retries exactly when the runner asks, and jobs interrupted by a shutdown.
+
+    The runner counts attempts in the jobs table (a worker killed mid-job never
+    reaches Procrastinate's counter), so it alone decides whether to retry.
+    """
+
+    def get_retry_decision(
+        self, *, exception: BaseException, job: QueueJob
+    ) -> RetryDecision | None:
+        if isinstance(exception, RetryLater):
+            return RetryDecision(retry_in={"seconds": round(exception.delay_s)})
+        if isinstance(exception, asyncio.CancelledError):
+            # Procrastinate only asks about cancellations caused by its shutdown
+            # (a user's abort is settled before retrying): hand the job back now.
+            return RetryDecision(retry_in={"seconds": 0})
+        return None
+
+
+def create_queue_app(conninfo: str, *, pool_size: int = 10) -> App:
+    """A Procrastinate app on ``conninfo``; open it with ``open_async`` before use."""
+    connector = PsycopgConnector(conninfo=conninfo, min_size=1, max_size=pool_size)
+    return App(connector=connector)
+
+
+async def defer(app: App, job_id: uuid.UUID, connection: Any) -> int:
+    """Queue the run of ``job_id`` on ``connection`` (inside the caller's transaction)."""
+    queued = await app.job_manager.defer_job_async(
+        QueueJob(
+            queue=QUEUE_NAME,
+            lock=None,
+            queueing_lock=None,
+            task_name=TASK_NAME,
+            task_kwargs={"job_id": str(job_id)},
+        ),
+        connection=connection,
+    )
+    if queued.id is None:  # Procrastinate always sets it; guard the type
+        raise RuntimeError("procrastinate returned a job without an id")
+    return queued.id
+
+
+async def cancel(app: App, queue_job_id: int, connection: Any, *, abort: bool) -> bool:
+    """Remove a waiting job from the queue, or ask a running one to stop (``abort``)."""
+    return await app.job_manager.cancel_job_by_id_async(
+        queue_job_id, abort=abort, connection=connection
+    )
+
+
+async def requeue_stalled(app: App, *, stall_threshold_s: float) -> list[uuid.UUID]:
+    """Put back in the queue the jobs of workers silent for ``stall_threshold_s``.
+
+    Returns the forgeline job ids handed back. Several workers may sweep at
+    once; a job another sweeper got first is skipped.
+    """
+    stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stall_threshold_s)
+    recovered: list[uuid.UUID] = []
+    for queue_job in stalled:
+        try:
+            await app.job_manager.retry_job(queue_job)
+        except procrastinate_errors.ConnectorException:
+            continue  # already retried by another sweeper
+        recovered.append(uuid.UUID(str(queue_job.task_kwargs["job_id"])))
+    await app.job_manager.prune_stalled_workers(stall_threshold_s)
+    return recovered

@@ -1,0 +1,284 @@
+"""The job service: submit, read, list and cancel jobs.
+
+Routes and the CLI call these functions; SQL and queue calls stay here.
+Every read takes the caller's ``owner`` so one tenant never sees another's
+jobs: a job that exists but belongs to someone else is "not found".
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from procrastinate import App
+from sqlalchemy import ColumnElement, Select, func, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+
+from forgeline.db.engine import AsyncSession, SessionFactory
+from forgeline.db.tables import ArtifactRow, JobRow
+from forgeline.errors import ConflictError, InvalidInputError, NotFoundError
+from forgeline.jobs import queue
+from forgeline.jobs.models import Artifact, Job, JobError, JobStatus
+from forgeline.pipelines.registry import PipelineRegistry
+
+MAX_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The outcome of a submit: the job, and whether this call created it."""
+
+    job: Job
+    created: bool
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a job listing, with the cursor of the next page if any."""
+
+    items: Sequence[Job]
+    next_cursor: str | None
+
+
+class JobService:
+    """Stores and queues jobs; reads them back for their owner."""
+
+    def __init__(
+        self,
+        *,
+        sessions: SessionFactory,
+        queue_app: App,
+        pipelines: PipelineRegistry,
+        max_attempts: int = 3,
+    ) -> None:
+        self.sessions = sessions
+        self.queue_app = queue_app
+        self.pipelines = pipelines
+        self.max_attempts = max_attempts
+
+    async def submit(
+        self,
+        *,
+        owner: str | None,
+        pipeline: str,
+        job_input: Any,
+        idempotency_key: str | None = None,
+    ) -> Submission:
+        """Validate, store and queue a job in one transaction.
+
+        With an ``idempotency_key``, a repeat of the same request returns the
+        first job, and the same key with a different request is a conflict.
+        """
+        normalised = self.pipelines.validate_input(pipeline, job_input)
+        request_hash = _request_hash(pipeline, normalised)
+        if idempotency_key is not None:
+            existing = await self._find_by_key(owner, idempotency_key, request_hash)
+            if existing is not None:
+                return Submission(existing, created=False)
+        job_id = uuid.uuid4()
+        try:
+            async with self.sessions.begin() as session:
+                row = JobRow(
+                    id=job_id,
+                    pipeline=pipeline,
+                    input=normalised,
+                    status=JobStatus.QUEUED.value,
+                    owner=owner,
+                    attempts=0,
+                    max_attempts=self.max_attempts,
+                    progress=0.0,
+                    idempotency_key=idempotency_key,
+                    request_hash=request_hash,
+                )
+                session.add(row)
+                await session.flush()
+                row.queue_job_id = await queue.defer(
+                    self.queue_app, job_id, await _driver_connection(session)
+                )
+        except IntegrityError:
+            # Another request with the same key won the race; answer as it did.
+            if idempotency_key is None:
+                raise
+            existing = await self._find_by_key(owner, idempotency_key, request_hash)
+            if existing is None:
+                raise
+            return Submission(existing, created=False)
+        return Submission(_to_job(row, ()), created=True)
+
+    async def get(self, job_id: str | uuid.UUID, *, owner: str | None) -> Job:
+        """The caller's job; ``NotFoundError`` if absent or someone else's."""
+        async with self.sessions() as session:
+            row = await session.scalar(_owned(owner).where(JobRow.id == _parse_id(job_id)))
+            if row is None:
+                raise NotFoundError(f"no job {job_id}")
+            artifacts = await session.scalars(
+                select(ArtifactRow).where(ArtifactRow.job_id == row.id).order_by(ArtifactRow.name)
+            )
+            return _to_job(row, artifacts.all())
+
+    async def list_jobs(
+        self,
+        *,
+        owner: str | None,
+        status: JobStatus | None = None,
+        pipeline: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> Page:
+        """The caller's jobs, newest first, ``limit`` at a time."""
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise InvalidInputError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+        statement = _owned(owner)
+        if status is not None:
+            statement = statement.where(JobRow.status == status.value)
+        if pipeline is not None:
+            statement = statement.where(JobRow.pipeline == pipeline)
+        if cursor is not None:
+            created_at, last_id = _decode_cursor(cursor)
+            statement = statement.where(
+                tuple_(JobRow.created_at, JobRow.id) < (created_at, last_id)
+            )
+        statement = statement.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
+        async with self.sessions() as session:
+            rows = (await session.scalars(statement)).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = _encode_cursor(rows[-1]) if more and rows else None
+        return Page([_to_job(row, ()) for row in rows], next_cursor)
+
+    async def cancel(self, job_id: str | uuid.UUID, *, owner: str | None) -> Job:
+        """Cancel a queued job at once, or ask a running one to stop.
+
+        A running job stops cooperatively within about a second: its worker is
+        notified and cancels the pipeline, which keeps what it produced so far.
+        """
+        parsed = _parse_id(job_id)
+        async with self.sessions.begin() as session:
+            row = await session.scalar(_owned(owner).where(JobRow.id == parsed).with_for_update())
+            if row is None:
+                raise NotFoundError(f"no job {job_id}")
+            status = JobStatus(row.status)
+            if status.is_final:
+                raise ConflictError(f"job {job_id} is already {status.value}")
+            connection = await _driver_connection(session)
+            if status is JobStatus.QUEUED and row.queue_job_id is not None:
+                removed = await queue.cancel(
+                    self.queue_app, row.queue_job_id, connection, abort=False
+                )
+                if removed:
+                    row.status = JobStatus.CANCELLED.value
+                    row.finished_at = func.now()
+            if row.status != JobStatus.CANCELLED.value:
+                # Running (or just picked up): the worker settles the final state.
+                row.cancel_requested_at = func.now()
+                if row.queue_job_id is not None:
+                    await queue.cancel(self.queue_app, row.queue_job_id, connection, abort=True)
+        return await self.get(parsed, owner=owner)
+
+    async def artifact(self, job_id: str | uuid.UUID, name: str, *, owner: str | None) -> Artifact:
+        """Metadata of one of the caller's job's artifacts."""
+        job = await self.get(job_id, owner=owner)
+        for artifact in job.artifacts:
+            if artifact.name == name:
+                return artifact
+        raise NotFoundError(f"job {job_id} has no artifact {name!r}")
+
+    async def recover_stalled(self, *, stall_threshold_s: float) -> list[uuid.UUID]:
+        """Hand back to the queue the jobs of dead workers (the periodic sweep)."""
+        recovered = await queue.requeue_stalled(self.queue_app, stall_threshold_s=stall_threshold_s)
+        if recovered:
+            async with self.sessions.begin() as session:
+                # A job cancelled while its worker was dead will not run again.
+                await session.execute(
+                    update(JobRow)
+                    .where(
+                        JobRow.id.in_(recovered),
+                        JobRow.status == JobStatus.RUNNING.value,
+                        JobRow.cancel_requested_at.is_not(None),
+                    )
+                    .values(status=JobStatus.CANCELLED.value, finished_at=func.now())
+                )
+                await session.execute(
+                    update(JobRow)
+                    .where(JobRow.id.in_(recovered), JobRow.status == JobStatus.RUNNING.value)
+                    .values(status=JobStatus.QUEUED.value)
+                )
+        return recovered
+
+    async def _find_by_key(self, owner: str | None, key: str, request_hash: str) -> Job | None:
+        async with self.sessions() as session:
+            row = await session.scalar(_owned(owner).where(JobRow.idempotency_key == key))
+        if row is None:
+            return None
+        if row.request_hash != request_hash:
+            raise ConflictError(
+                "this Idempotency-Key was already used with a different request",
+                details={"job_id": str(row.id)},
+            )
+        return await self.get(row.id, owner=owner)
+
+
+def _owned(owner: str | None) -> Select[JobRow]:
+    condition: ColumnElement[bool] = JobRow.owner.is_not_distinct_from(owner)
+    return select(JobRow).where(condition)
+
+
+def _parse_id(job_id: str | uuid.UUID) -> uuid.UUID:
+    if isinstance(job_id, uuid.UUID):
+        return job_id
+    try:
+        return uuid.UUID(job_id)
+    except ValueError:
+        raise NotFoundError(f"no job {job_id}") from None
+
+
+async def _driver_connection(session: AsyncSession) -> Any:
+    """The psycopg connection under ``session``, for Procrastinate to share."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    return raw.driver_connection
+
+
+def _request_hash(pipeline: str, job_input: dict[str, Any]) -> str:
+    canonical = json.dumps([pipeline, job_input], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _encode_cursor(row: JobRow) -> str:
+    raw = f"{row.created_at.isoformat()}|{row.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    try:
+        created, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return dt.datetime.fromisoformat(created), uuid.UUID(job_id)
+    except ValueError:
+        raise InvalidInputError("cursor is not one this API returned") from None
+
+
+def _to_job(row: JobRow, artifacts: Sequence[ArtifactRow]) -> Job:
+    error = JobError(row.error_code, row.error_message or "") if row.error_code else None
+    return Job(
+        id=row.id,
+        pipeline=row.pipeline,
+        input=row.input,
+        status=JobStatus(row.status),
+        owner=row.owner,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        progress=row.progress,
+        result=row.result,
+        error=error,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        updated_at=row.updated_at,
+        artifacts=tuple(Artifact(a.name, a.storage_key, a.size, a.content_type) for a in artifacts),
+    )

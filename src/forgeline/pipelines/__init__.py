@@ -1,0 +1,1 @@
+"""Pipelines: the kinds of job forgeline runs, built-in and plugged in."""

@@ -1,0 +1,92 @@
+"""Finding pipelines: the ``forgeline.pipelines`` entry-point group, plus import paths.
+
+Built-in pipelines register through the same entry-point group as a user's
+package would, so nothing about them is special. ``FORGELINE_PIPELINES`` adds
+pipelines by ``module:Class`` path, for code that is not packaged.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import ValidationError
+
+from forgeline.errors import ConfigurationError, InvalidInputError, NotFoundError
+from forgeline.pipelines.base import Pipeline
+
+ENTRY_POINT_GROUP = "forgeline.pipelines"
+
+
+class PipelineRegistry:
+    """The pipelines this process can run, by name."""
+
+    def __init__(self, pipelines: Iterable[Pipeline]) -> None:
+        self._pipelines: dict[str, Pipeline] = {}
+        for pipeline in pipelines:
+            if pipeline.name in self._pipelines:
+                raise ConfigurationError(f"two pipelines are named {pipeline.name!r}")
+            self._pipelines[pipeline.name] = pipeline
+
+    @property
+    def names(self) -> list[str]:
+        """Known pipeline names, sorted."""
+        return sorted(self._pipelines)
+
+    def all(self) -> Mapping[str, Pipeline]:
+        """Every pipeline by name."""
+        return dict(self._pipelines)
+
+    def get(self, name: str) -> Pipeline:
+        """The pipeline called ``name``; ``NotFoundError`` listing the known ones."""
+        try:
+            return self._pipelines[name]
+        except KeyError:
+            raise NotFoundError(
+                f"unknown pipeline {name!r}; known pipelines: {', '.join(self.names)}",
+                details={"known": self.names},
+            ) from None
+
+    def validate_input(self, name: str, data: Any) -> dict[str, Any]:
+        """Validate ``data`` against the pipeline's input model; return it normalised."""
+        pipeline = self.get(name)
+        try:
+            model = pipeline.input_model.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidInputError(
+                f"invalid input for pipeline {name!r}",
+                details=[
+                    {"loc": ["input", *error["loc"]], "msg": error["msg"], "type": error["type"]}
+                    for error in exc.errors(include_url=False, include_context=False)
+                ],
+            ) from None
+        return model.model_dump(mode="json")
+
+
+def load_pipelines(extra_paths: Iterable[str] = ()) -> PipelineRegistry:
+    """Instantiate every registered pipeline, then those named by import path."""
+    classes: list[Any] = []
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            classes.append(entry_point.load())
+        except Exception as exc:  # a broken plug-in must name itself
+            raise ConfigurationError(
+                f"pipeline entry point {entry_point.name!r} ({entry_point.value}) "
+                f"failed to load: {exc}"
+            ) from None
+    for path in extra_paths:
+        module_name, _, attribute = path.partition(":")
+        try:
+            classes.append(getattr(importlib.import_module(module_name), attribute))
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigurationError(
+                f"FORGELINE_PIPELINES: cannot import {path!r}: {exc}"
+            ) from None
+    pipelines: list[Pipeline] = []
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
+            raise ConfigurationError(f"{cls!r} is not a forgeline Pipeline subclass")
+        pipelines.append(cls())
+    return PipelineRegistry(pipelines)

@@ -1,0 +1,171 @@
+"""The running parts of forgeline, built once per process from the settings.
+
+``serve``, ``api``, ``worker`` and the in-process ``generate`` all start the
+same :class:`Runtime`; only what they run on top of it differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+from procrastinate import App
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from forgeline.backends.base import Backend
+from forgeline.backends.openai_compat import OpenAICompatibleBackend
+from forgeline.db import migrate
+from forgeline.db.embedded import start_embedded_postgres
+from forgeline.db.engine import SessionFactory, create_engine, create_session_factory
+from forgeline.errors import ConfigurationError
+from forgeline.jobs.queue import QUEUE_NAME, TASK_NAME, RunnerRetryStrategy, create_queue_app
+from forgeline.jobs.runner import JobRunner
+from forgeline.jobs.service import JobService
+from forgeline.pipelines.registry import PipelineRegistry, load_pipelines
+from forgeline.settings import Settings
+from forgeline.storage import ObjectStorage, Storage
+
+logger = structlog.get_logger("forgeline.runtime")
+
+
+def build_backends(settings: Settings) -> dict[str, Backend]:
+    """The configured model backends, by name."""
+    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    return {
+        "openai": OpenAICompatibleBackend(
+            base_url=settings.openai_base_url,
+            model=settings.openai_model,
+            api_key=api_key,
+            connect_timeout_s=settings.backend_connect_timeout_s,
+            timeout_s=settings.backend_timeout_s,
+            max_concurrency=settings.backend_max_concurrency,
+            max_retries=settings.backend_max_retries,
+        )
+    }
+
+
+async def resolve_database(settings: Settings) -> str:
+    """The libpq URL to use, starting the embedded server when none is configured."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    return await asyncio.to_thread(start_embedded_postgres, settings.data_dir)
+
+
+@dataclass
+class Runtime:
+    """Database, queue, storage, backends and pipelines of one process."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: SessionFactory
+    queue_app: App
+    storage: Storage
+    backends: Mapping[str, Backend]
+    pipelines: PipelineRegistry
+    jobs: JobService
+    runner: JobRunner
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Runtime:
+        """Connect everything; migrate first when the settings say so."""
+        pipelines = load_pipelines(settings.pipelines)
+        storage = ObjectStorage(settings.effective_storage_url)
+        conninfo = await resolve_database(settings)
+        engine = create_engine(conninfo, pool_size=settings.db_pool_size)
+        if settings.should_auto_migrate:
+            await migrate.upgrade(engine)
+        queue_app = create_queue_app(conninfo, pool_size=settings.db_pool_size)
+        await queue_app.open_async()
+        sessions = create_session_factory(engine)
+        backends = build_backends(settings)
+        if settings.backend not in backends:
+            raise ConfigurationError(f"FORGELINE_BACKEND: unknown backend {settings.backend!r}")
+        runner = JobRunner(
+            sessions=sessions,
+            pipelines=pipelines,
+            backends=backends,
+            default_backend=settings.backend,
+            storage=storage,
+            retry_backoff_s=settings.retry_backoff_s,
+        )
+        queue_app.task(
+            name=TASK_NAME, queue=QUEUE_NAME, pass_context=True, retry=RunnerRetryStrategy()
+        )(runner.run)
+        jobs = JobService(
+            sessions=sessions,
+            queue_app=queue_app,
+            pipelines=pipelines,
+            max_attempts=settings.max_attempts,
+        )
+        return cls(
+            settings, engine, sessions, queue_app, storage, backends, pipelines, jobs, runner
+        )
+
+    async def close(self) -> None:
+        """Release connections (the embedded database stops when the process exits)."""
+        for backend in self.backends.values():
+            await backend.aclose()
+        await self.queue_app.close_async()
+        await self.engine.dispose()
+
+    async def run_worker(self, stop: asyncio.Event) -> None:
+        """Run jobs and sweep stalled ones until ``stop`` is set, then drain.
+
+        On stop, the worker takes no new job; running jobs get the drain
+        timeout to finish, then are cancelled and handed back to the queue.
+        """
+        settings = self.settings
+        worker = asyncio.create_task(
+            self.queue_app.run_worker_async(
+                queues=[QUEUE_NAME],
+                name=f"{socket.gethostname()}-{os.getpid()}",
+                concurrency=settings.worker_concurrency,
+                install_signal_handlers=False,
+                shutdown_graceful_timeout=settings.drain_timeout_s,
+                update_heartbeat_interval=settings.heartbeat_interval_s,
+                stalled_worker_timeout=settings.stall_threshold_s,
+                # Notifications wake the worker at once; polling is the fallback.
+                fetch_job_polling_interval=2.0,
+                abort_job_polling_interval=1.0,
+            ),
+            name="procrastinate-worker",
+        )
+        sweeper = asyncio.create_task(self._sweep_forever(stop), name="stall-sweeper")
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({worker, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        sweeper.cancel()
+        if not worker.done():
+            logger.info(
+                "worker draining", action="worker_drain", timeout_s=settings.drain_timeout_s
+            )
+            worker.cancel()  # Procrastinate turns this into a graceful stop
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+        stopped.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+
+    async def _sweep_forever(self, stop: asyncio.Event) -> None:
+        interval = self.settings.sweep_interval_s
+        while not stop.is_set():
+            try:
+                recovered = await self.jobs.recover_stalled(
+                    stall_threshold_s=self.settings.stall_threshold_s
+                )
+                if recovered:
+                    logger.warning(
+                        "stalled jobs handed back",
+                        action="stalled_jobs_recovered",
+                        count=len(recovered),
+                        job_ids=[str(job_id) for job_id in recovered],
+                    )
+            except Exception:
+                # The database may be down; the next sweep tries again.
+                logger.exception("stall sweep failed", action="sweep_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)

@@ -53,6 +53,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    if runtime is not None:
+        app.state.runtime = runtime
     app.state.started_at = time.monotonic()
     install_error_handlers(app)
     app.include_router(health.router)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-import time
+from types import FrameType
 from typing import Annotated, Any
 
-import httpx
 import typer
 import uvicorn
 from rich.console import Console
@@ -67,8 +66,9 @@ async def _serve_async(settings: Settings, *, with_worker: bool) -> bool:
 
     # Started before listening, so a bad setting is one line and exit 2.
     runtime = await Runtime.start(settings)
+    app = create_app(settings, with_worker=with_worker, runtime=runtime)
     config = uvicorn.Config(
-        create_app(settings, with_worker=with_worker, runtime=runtime),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -76,9 +76,26 @@ async def _serve_async(settings: Settings, *, with_worker: bool) -> bool:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, app.state.stopping)
     await server.serve()
     return server.started
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, telling the app the moment shutdown begins.
+
+    Readiness fails at once and open streams end with a "reconnect" event,
+    instead of holding the shutdown until they time out.
+    """
+
+    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
+        super().__init__(config)
+        self._stopping = stopping
+        self._loop = asyncio.get_running_loop()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._loop.call_soon_threadsafe(self._stopping.set)
+        super().handle_exit(sig, frame)
 
 
 @app.command()
@@ -221,7 +238,7 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.8,
     seed: Annotated[int | None, typer.Option(min=0)] = None,
 ) -> None:
-    """Write a story with the story pipeline and print it."""
+    """Write a story with the story pipeline, printing it as it is generated."""
     story_input: dict[str, Any] = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -231,67 +248,79 @@ def generate(
         story_input["genre"] = genre
     if seed is not None:
         story_input["seed"] = seed
-    if url is None:
-        settings = _settings()
-        try:
-            job = asyncio.run(_generate_in_process(settings, story_input))
-        except ForgelineError as exc:
-            raise _fail(exc.message) from None
-    else:
-        _settings()
-        job = _generate_remote(url.rstrip("/"), story_input)
-    if job["status"] != "succeeded":
-        error = job.get("error") or {}
-        raise _fail(f"job {job['id']} {job['status']}: {error.get('message', 'no reason given')}")
-    out.print(job["result"]["text"].strip(), highlight=False, markup=False)
+    settings = _settings()
+    printer = _StoryPrinter()
+    try:
+        if url is None:
+            asyncio.run(_generate_in_process(settings, story_input, printer))
+        else:
+            _generate_remote(url, story_input, printer)
+    except ForgelineError as exc:
+        raise _fail(exc.message) from None
+    printer.finish()
 
 
-async def _generate_in_process(settings: Settings, story_input: dict[str, Any]) -> dict[str, Any]:
-    from forgeline.api.schemas import JobOut
+class _StoryPrinter:
+    """Prints a job's stream: text as it comes, a note when an attempt restarts."""
+
+    def __init__(self) -> None:
+        self.final: dict[str, Any] | None = None
+        self._printed = False
+
+    def handle(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "token":
+            sys.stdout.write(data["text"])
+            sys.stdout.flush()
+            self._printed = True
+        elif kind == "attempt" and data.get("attempt", 1) > 1:
+            if self._printed:
+                sys.stdout.write("\n")
+            err.print(f"[yellow](attempt {data['attempt']}: starting over)[/yellow]")
+            self._printed = False
+        elif kind == "final":
+            self.final = data
+
+    def finish(self) -> None:
+        if self._printed:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        if self.final is None:
+            raise _fail("the stream ended before the job finished")
+        if self.final["status"] != "succeeded":
+            reason = (self.final.get("error") or {}).get("message", "no reason given")
+            raise _fail(f"job {self.final['status']}: {reason}")
+
+
+async def _generate_in_process(
+    settings: Settings, story_input: dict[str, Any], printer: _StoryPrinter
+) -> None:
+    from forgeline.events.stream import follow
     from forgeline.runtime import Runtime
 
-    settings = settings.model_copy(update={"worker_concurrency": 1})
-    runtime = await Runtime.start(settings)
+    runtime = await Runtime.start(settings.model_copy(update={"worker_concurrency": 1}))
+    runtime.hub.start()
     stop = asyncio.Event()
     worker = asyncio.create_task(runtime.run_worker(stop))
     try:
         submission = await runtime.jobs.submit(owner=None, pipeline="story", job_input=story_input)
-        with err.status("writing…"):
-            while True:
-                job = await runtime.jobs.get(submission.job.id, owner=None)
-                if job.status.is_final:
-                    return JobOut.from_job(job).model_dump(mode="json")
-                await asyncio.sleep(0.2)
+        async for event in follow(runtime.hub, runtime.sessions, submission.job.id):
+            printer.handle(event.type.value, event.data)
     finally:
         stop.set()
         await worker
         await runtime.close()
 
 
-def _generate_remote(url: str, story_input: dict[str, Any]) -> dict[str, Any]:
-    try:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            response = client.post("/api/v1/jobs", json={"pipeline": "story", "input": story_input})
-            if response.status_code >= 400:
-                raise _fail(_error_message(response))
-            job: dict[str, Any] = response.json()
-            with err.status("writing…"):
-                while job["status"] not in {"succeeded", "failed", "cancelled"}:
-                    time.sleep(0.2)
-                    response = client.get(f"/api/v1/jobs/{job['id']}")
-                    if response.status_code >= 400:
-                        raise _fail(_error_message(response))
-                    job = response.json()
-            return job
-    except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach forgeline at {url}: {exc}") from None
+def _generate_remote(url: str, story_input: dict[str, Any], printer: _StoryPrinter) -> None:
+    from forgeline.client import ForgelineClient
 
-
-def _error_message(response: httpx.Response) -> str:
+    client = ForgelineClient(url)
     try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code} from {response.request.url}"
+        job = client.submit("story", story_input)
+        for event in client.events(job["id"]):
+            printer.handle(event.type, event.data)
+    finally:
+        client.close()
 
 
 def main() -> None:

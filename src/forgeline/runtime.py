@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from forgeline.db import migrate
 from forgeline.db.embedded import start_embedded_postgres
 from forgeline.db.engine import SessionFactory, create_engine, create_session_factory
 from forgeline.errors import ConfigurationError
+from forgeline.events.hub import EventHub
 from forgeline.jobs.queue import QUEUE_NAME, TASK_NAME, RunnerRetryStrategy, create_queue_app
 from forgeline.jobs.runner import JobRunner
 from forgeline.jobs.service import JobService
@@ -31,6 +33,11 @@ from forgeline.settings import Settings
 from forgeline.storage import ObjectStorage, Storage
 
 logger = structlog.get_logger("forgeline.runtime")
+
+#: Pause before restarting a queue worker that died (e.g. database restart).
+WORKER_RESTART_DELAY_S = 2.0
+#: How often a worker deletes the streamed detail of long-finished jobs.
+COMPACTION_INTERVAL_S = 300.0
 
 
 def build_backends(settings: Settings) -> dict[str, Backend]:
@@ -69,6 +76,7 @@ class Runtime:
     pipelines: PipelineRegistry
     jobs: JobService
     runner: JobRunner
+    hub: EventHub
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -102,12 +110,14 @@ class Runtime:
             pipelines=pipelines,
             max_attempts=settings.max_attempts,
         )
+        hub = EventHub(conninfo)
         return cls(
-            settings, engine, sessions, queue_app, storage, backends, pipelines, jobs, runner
+            settings, engine, sessions, queue_app, storage, backends, pipelines, jobs, runner, hub
         )
 
     async def close(self) -> None:
         """Release connections (the embedded database stops when the process exits)."""
+        await self.hub.stop()
         for backend in self.backends.values():
             await backend.aclose()
         await self.queue_app.close_async()
@@ -118,7 +128,23 @@ class Runtime:
 
         On stop, the worker takes no new job; running jobs get the drain
         timeout to finish, then are cancelled and handed back to the queue.
+        If the queue worker dies (the database went away), it is restarted
+        after a pause rather than taking the process down.
         """
+        sweeper = asyncio.create_task(self._sweep_forever(stop), name="stall-sweeper")
+        try:
+            while not stop.is_set():
+                await self._run_queue_worker(stop)
+                if not stop.is_set():
+                    logger.error("worker stopped unexpectedly; restarting", action="worker_restart")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=WORKER_RESTART_DELAY_S)
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+    async def _run_queue_worker(self, stop: asyncio.Event) -> None:
         settings = self.settings
         worker = asyncio.create_task(
             self.queue_app.run_worker_async(
@@ -135,24 +161,37 @@ class Runtime:
             ),
             name="procrastinate-worker",
         )
-        sweeper = asyncio.create_task(self._sweep_forever(stop), name="stall-sweeper")
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({worker, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        sweeper.cancel()
-        if not worker.done():
-            logger.info(
-                "worker draining", action="worker_drain", timeout_s=settings.drain_timeout_s
-            )
-            worker.cancel()  # Procrastinate turns this into a graceful stop
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker
-        stopped.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        try:
+            await asyncio.wait({worker, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not worker.done():
+                logger.info(
+                    "worker draining", action="worker_drain", timeout_s=settings.drain_timeout_s
+                )
+                worker.cancel()  # Procrastinate turns this into a graceful stop
+            try:
+                await worker
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                logger.exception("worker failed", action="worker_failed")
+        finally:
+            stopped.cancel()
 
     async def _sweep_forever(self, stop: asyncio.Event) -> None:
         interval = self.settings.sweep_interval_s
+        next_compaction = 0.0
         while not stop.is_set():
+            if time.monotonic() >= next_compaction:
+                next_compaction = time.monotonic() + COMPACTION_INTERVAL_S
+                try:
+                    removed = await self.jobs.compact_events(
+                        older_than_s=self.settings.event_retention_s
+                    )
+                    if removed:
+                        logger.info("events compacted", action="events_compacted", count=removed)
+                except Exception:
+                    logger.exception("event compaction failed", action="compaction_failed")
             try:
                 recovered = await self.jobs.recover_stalled(
                     stall_threshold_s=self.settings.stall_threshold_s

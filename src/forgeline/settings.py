@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     stall_threshold_s: float = Field(default=45.0, gt=0)
     sweep_interval_s: float = Field(default=10.0, gt=0)
     retry_backoff_s: float = Field(default=2.0, ge=0)
+    event_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="Streamed events of finished jobs are compacted after this long.",
+    )
 
     # -- extension ----------------------------------------------------------
     pipelines: Annotated[list[str], NoDecode] = Field(

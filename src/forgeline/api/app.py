@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from forgeline import __version__
 from forgeline.api.errors import install_error_handlers
-from forgeline.api.routes import health, jobs, pipelines
+from forgeline.api.routes import events, health, jobs, pipelines
 from forgeline.runtime import Runtime
 from forgeline.settings import Settings
 
@@ -34,6 +34,7 @@ def create_app(
         if runtime is None:
             runtime = await Runtime.start(settings)
         app.state.runtime = runtime
+        runtime.hub.start()
         stop = asyncio.Event()
         worker = asyncio.create_task(runtime.run_worker(stop)) if with_worker else None
         logger.info("forgeline ready", action="start", worker=with_worker, version=__version__)
@@ -53,11 +54,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # Set when shutdown begins: readiness fails and streams say "reconnect".
+    app.state.stopping = asyncio.Event()
     if runtime is not None:
         app.state.runtime = runtime
     app.state.started_at = time.monotonic()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(events.router)
     app.include_router(pipelines.router)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, WebSocket
 
 from forgeline.jobs.service import JobService
 from forgeline.runtime import Runtime
@@ -14,6 +14,12 @@ from forgeline.settings import Settings
 def get_runtime(request: Request) -> Runtime:
     """The process's runtime, started by the app's lifespan."""
     runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def get_runtime_ws(websocket: WebSocket) -> Runtime:
+    """The process's runtime, for WebSocket routes."""
+    runtime: Runtime = websocket.app.state.runtime
     return runtime
 
 

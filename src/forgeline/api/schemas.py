@@ -20,6 +20,10 @@ class JobCreate(BaseModel):
     input: dict[str, Any] = Field(
         default_factory=dict, examples=[{"prompt": "A lighthouse keeper finds a door in the sea"}]
     )
+    cancel_on_disconnect: bool = Field(
+        default=False,
+        description="Cancel the job when its last stream client disconnects.",
+    )
 
 
 class ErrorOut(BaseModel):
@@ -47,6 +51,7 @@ class JobOut(BaseModel):
     input: dict[str, Any]
     attempts: int
     max_attempts: int
+    cancel_on_disconnect: bool
     progress: float
     result: dict[str, Any] | None
     error: ErrorOut | None
@@ -66,6 +71,7 @@ class JobOut(BaseModel):
             input=job.input,
             attempts=job.attempts,
             max_attempts=job.max_attempts,
+            cancel_on_disconnect=job.cancel_on_disconnect,
             progress=job.progress,
             result=job.result,
             error=ErrorOut(code=job.error.code, message=job.error.message) if job.error else None,

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -62,6 +63,7 @@ class JobRow(Base):
     )
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_on_disconnect: Mapped[bool] = mapped_column(Boolean, default=False)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -76,6 +78,22 @@ class JobRow(Base):
             postgresql_nulls_not_distinct=True,
         ),
         Index("ix_jobs_owner_created", "owner", "created_at"),
+    )
+
+
+class JobEventRow(Base):
+    """One entry of a job's append-only event log."""
+
+    __tablename__ = "job_events"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    type: Mapped[str] = mapped_column(String(20))
+    data: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
     )
 
 

@@ -63,4 +63,5 @@ class Job:
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     updated_at: dt.datetime
+    cancel_on_disconnect: bool = False
     artifacts: tuple[Artifact, ...] = ()

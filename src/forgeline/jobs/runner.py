@@ -24,6 +24,9 @@ from forgeline.backends.base import Backend
 from forgeline.db.engine import SessionFactory
 from forgeline.db.tables import ArtifactRow, JobRow, UsageRow
 from forgeline.errors import ForgelineError
+from forgeline.events.emitter import EventEmitter
+from forgeline.events.log import append_events, final_event
+from forgeline.events.models import EventType
 from forgeline.jobs.models import FINAL_STATUSES, JobStatus
 from forgeline.jobs.queue import RetryLater
 from forgeline.pipelines.base import PipelineContext
@@ -58,12 +61,30 @@ class JobRunner:
         self.retry_backoff_s = retry_backoff_s
 
     async def run(self, queue_context: JobContext, job_id: str) -> None:
-        """Run one delivery of a job; the Procrastinate task body."""
+        """Run one delivery of a job; the Procrastinate task body.
+
+        A cancellation can arrive at any await: from a user's cancel (the job
+        ends ``cancelled``, keeping what it wrote) or from the worker's drain
+        running out of time (the job goes back to the queue for another worker).
+        """
         job_uuid = uuid.UUID(job_id)
+        log = logger.bind(job_id=job_id)
+        try:
+            await self._run(job_uuid, log)
+        except asyncio.CancelledError:
+            if queue_context.abort_reason() == AbortReason.USER_REQUEST:
+                log.info("job cancelled", action="job_cancelled")
+                await self._finish(job_uuid, JobStatus.CANCELLED)
+            else:
+                log.info("job handed back to the queue", action="job_handed_back")
+                await asyncio.shield(self._set_status(job_uuid, JobStatus.QUEUED))
+            raise
+
+    async def _run(self, job_uuid: uuid.UUID, log: Any) -> None:
         row = await self._start_attempt(job_uuid)
         if row is None:
             return  # already final (a duplicate delivery, or cancelled while queued)
-        log = logger.bind(job_id=job_id, attempt=row.attempts, pipeline=row.pipeline)
+        log = log.bind(attempt=row.attempts, pipeline=row.pipeline)
         if row.attempts > row.max_attempts:
             log.warning("job parked", action="job_parked")
             await self._finish(
@@ -82,31 +103,27 @@ class JobRunner:
         except (ForgelineError, ValueError) as exc:
             await self._finish(job_uuid, JobStatus.FAILED, error=("invalid_job", str(exc)))
             return
-        ctx = PipelineContext(
-            job_id=job_uuid,
-            attempt=row.attempts,
-            input=job_input,
-            backend=self.backends[self.default_backend],
-            storage=self.storage,
-            recorder=self,
-            log=log,
-        )
         log.info("job started", action="job_started")
         try:
-            result = await pipeline.run(ctx)
-        except asyncio.CancelledError:
-            if queue_context.abort_reason() == AbortReason.USER_REQUEST:
-                log.info("job cancelled", action="job_cancelled")
-                await self._finish(job_uuid, JobStatus.CANCELLED)
-            else:
-                log.info("job handed back to the queue", action="job_handed_back")
-                await self._set_status(job_uuid, JobStatus.QUEUED)
-            raise
+            async with EventEmitter(self.sessions, job_uuid) as emitter:
+                ctx = PipelineContext(
+                    job_id=job_uuid,
+                    attempt=row.attempts,
+                    input=job_input,
+                    backend=self.backends[self.default_backend],
+                    storage=self.storage,
+                    recorder=self,
+                    events=emitter,
+                    log=log,
+                )
+                result = await pipeline.run(ctx)
         except ForgelineError as exc:
             if exc.retryable and row.attempts < row.max_attempts:
                 delay = min(self.retry_backoff_s * 2 ** (row.attempts - 1), MAX_RETRY_DELAY_S)
                 log.warning("job will retry", action="job_retry", code=exc.code, delay_s=delay)
-                await self._set_status(job_uuid, JobStatus.QUEUED, error=(exc.code, exc.message))
+                await self._set_status(
+                    job_uuid, JobStatus.QUEUED, error=(exc.code, exc.message), retrying=True
+                )
                 raise RetryLater(delay) from None
             log.warning("job failed", action="job_failed", code=exc.code)
             await self._finish(job_uuid, JobStatus.FAILED, error=(exc.code, exc.message))
@@ -124,7 +141,7 @@ class JobRunner:
     # -- writes ---------------------------------------------------------------
     async def _start_attempt(self, job_id: uuid.UUID) -> JobRow | None:
         async with self.sessions.begin() as session:
-            row = await session.scalar(
+            row: JobRow | None = await session.scalar(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status.in_(_NOT_FINAL))
                 .values(
@@ -134,24 +151,48 @@ class JobRunner:
                 )
                 .returning(JobRow)
             )
-            if row is not None and row.cancel_requested_at is not None:
+            if row is None:
+                return None
+            if row.cancel_requested_at is not None:
                 # Cancelled while its worker was dead: settle it now, run nothing.
                 await session.execute(_final_update(job_id, JobStatus.CANCELLED))
+                await append_events(session, job_id, [final_event(JobStatus.CANCELLED)])
                 return None
+            await append_events(
+                session,
+                job_id,
+                [
+                    (EventType.STATUS, {"status": JobStatus.RUNNING.value}),
+                    (EventType.ATTEMPT, {"attempt": row.attempts}),
+                ],
+            )
             return row
 
     async def _set_status(
-        self, job_id: uuid.UUID, status: JobStatus, *, error: tuple[str, str] | None = None
+        self,
+        job_id: uuid.UUID,
+        status: JobStatus,
+        *,
+        error: tuple[str, str] | None = None,
+        retrying: bool = False,
     ) -> None:
         values: dict[str, Any] = {"status": status.value}
+        events: list[tuple[EventType, dict[str, Any]]] = []
         if error is not None:
             values.update(error_code=error[0], error_message=error[1])
+            events.append(
+                (EventType.ERROR, {"code": error[0], "message": error[1], "retryable": retrying})
+            )
+        events.append((EventType.STATUS, {"status": status.value}))
         async with self.sessions.begin() as session:
-            await session.execute(
+            changed = await session.scalar(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status.in_(_NOT_FINAL))
                 .values(values)
+                .returning(JobRow.id)
             )
+            if changed is not None:
+                await append_events(session, job_id, events)
 
     async def _finish(
         self,
@@ -176,7 +217,10 @@ class JobRunner:
         async with self.sessions.begin() as session:
             statement = _final_update(job_id, status, result=result, error=error)
             won = (await session.execute(statement.returning(JobRow.owner))).first()
-            if won is not None and usage is not None and status is JobStatus.SUCCEEDED:
+            if won is None:
+                return  # another delivery of this job finished first
+            await append_events(session, job_id, [final_event(status, result=result, error=error)])
+            if usage is not None and status is JobStatus.SUCCEEDED:
                 await session.execute(
                     insert(UsageRow)
                     .values(

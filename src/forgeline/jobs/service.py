@@ -23,6 +23,8 @@ from sqlalchemy.exc import IntegrityError
 from forgeline.db.engine import AsyncSession, SessionFactory
 from forgeline.db.tables import ArtifactRow, JobRow
 from forgeline.errors import ConflictError, InvalidInputError, NotFoundError
+from forgeline.events.log import append_events, compact_finished, final_event
+from forgeline.events.models import EventType
 from forgeline.jobs import queue
 from forgeline.jobs.models import Artifact, Job, JobError, JobStatus
 from forgeline.pipelines.registry import PipelineRegistry
@@ -69,6 +71,7 @@ class JobService:
         pipeline: str,
         job_input: Any,
         idempotency_key: str | None = None,
+        cancel_on_disconnect: bool = False,
     ) -> Submission:
         """Validate, store and queue a job in one transaction.
 
@@ -95,9 +98,13 @@ class JobService:
                     progress=0.0,
                     idempotency_key=idempotency_key,
                     request_hash=request_hash,
+                    cancel_on_disconnect=cancel_on_disconnect,
                 )
                 session.add(row)
                 await session.flush()
+                await append_events(
+                    session, job_id, [(EventType.STATUS, {"status": JobStatus.QUEUED.value})]
+                )
                 row.queue_job_id = await queue.defer(
                     self.queue_app, job_id, await _driver_connection(session)
                 )
@@ -174,6 +181,7 @@ class JobService:
                 if removed:
                     row.status = JobStatus.CANCELLED.value
                     row.finished_at = func.now()
+                    await append_events(session, parsed, [final_event(JobStatus.CANCELLED)])
             if row.status != JobStatus.CANCELLED.value:
                 # Running (or just picked up): the worker settles the final state.
                 row.cancel_requested_at = func.now()
@@ -195,7 +203,7 @@ class JobService:
         if recovered:
             async with self.sessions.begin() as session:
                 # A job cancelled while its worker was dead will not run again.
-                await session.execute(
+                cancelled = await session.scalars(
                     update(JobRow)
                     .where(
                         JobRow.id.in_(recovered),
@@ -203,13 +211,26 @@ class JobService:
                         JobRow.cancel_requested_at.is_not(None),
                     )
                     .values(status=JobStatus.CANCELLED.value, finished_at=func.now())
+                    .returning(JobRow.id)
                 )
-                await session.execute(
+                for job_id in cancelled.all():
+                    await append_events(session, job_id, [final_event(JobStatus.CANCELLED)])
+                requeued = await session.scalars(
                     update(JobRow)
                     .where(JobRow.id.in_(recovered), JobRow.status == JobStatus.RUNNING.value)
                     .values(status=JobStatus.QUEUED.value)
+                    .returning(JobRow.id)
                 )
+                for job_id in requeued.all():
+                    await append_events(
+                        session, job_id, [(EventType.STATUS, {"status": JobStatus.QUEUED.value})]
+                    )
         return recovered
+
+    async def compact_events(self, *, older_than_s: float) -> int:
+        """Drop the streamed detail of jobs finished long ago (results stay)."""
+        async with self.sessions.begin() as session:
+            return await compact_finished(session, older_than_s=older_than_s)
 
     async def _find_by_key(self, owner: str | None, key: str, request_hash: str) -> Job | None:
         async with self.sessions() as session:
@@ -280,5 +301,6 @@ def _to_job(row: JobRow, artifacts: Sequence[ArtifactRow]) -> Job:
         started_at=row.started_at,
         finished_at=row.finished_at,
         updated_at=row.updated_at,
+        cancel_on_disconnect=row.cancel_on_disconnect,
         artifacts=tuple(Artifact(a.name, a.storage_key, a.size, a.content_type) for a in artifacts),
     )

@@ -16,7 +16,18 @@ import structlog
 from pydantic import BaseModel
 
 from forgeline.backends.base import Backend, Usage
+from forgeline.events.models import EventType
 from forgeline.storage import Storage, artifact_key
+
+
+class EventSink(Protocol):
+    """Where a running job's live output goes (the job's event log, in production)."""
+
+    async def token(self, text: str) -> None:
+        """Queue generated text for the stream."""
+
+    async def emit(self, kind: EventType, data: dict[str, Any]) -> None:
+        """Write an event now, after any queued text."""
 
 
 class JobRecorder(Protocol):
@@ -41,18 +52,37 @@ class PipelineContext:
     backend: Backend
     storage: Storage
     recorder: JobRecorder
+    events: EventSink | None = None
     usage: Usage = field(default_factory=lambda: Usage(0, 0))
     log: Any = field(default_factory=structlog.get_logger)
 
     async def progress(self, fraction: float) -> None:
         """Report progress between 0 and 1."""
-        await self.recorder.set_progress(self.job_id, min(max(fraction, 0.0), 1.0))
+        fraction = min(max(fraction, 0.0), 1.0)
+        await self.recorder.set_progress(self.job_id, fraction)
+        if self.events is not None:
+            await self.events.emit(EventType.PROGRESS, {"fraction": round(fraction, 4)})
+
+    async def token(self, text: str) -> None:
+        """Stream generated text to the job's followers (batched, in order)."""
+        if self.events is not None:
+            await self.events.token(text)
 
     async def put_artifact(self, name: str, data: bytes, content_type: str) -> str:
         """Store a file under the job's deterministic key and return that key."""
         key = artifact_key(self.job_id, name)
         await self.storage.put(key, data)
         await self.recorder.record_artifact(self.job_id, name, key, len(data), content_type)
+        if self.events is not None:
+            await self.events.emit(
+                EventType.ARTIFACT,
+                {
+                    "name": name,
+                    "size": len(data),
+                    "content_type": content_type,
+                    "url": f"/api/v1/jobs/{self.job_id}/artifacts/{name}",
+                },
+            )
         return key
 
     def add_usage(self, usage: Usage) -> None:

@@ -63,6 +63,7 @@ class StoryPipeline(Pipeline):
             if delta.usage is not None:
                 ctx.add_usage(delta.usage)
             if delta.text:
+                await ctx.token(delta.text)
                 parts.append(delta.text)
                 produced += len(delta.text)
                 if produced - reported >= PROGRESS_EVERY_CHARS:

@@ -25,7 +25,8 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request, runtime: RuntimeDep) -> JSONResponse:
     """Readiness: 503 while a critical dependency fails, with each check's detail."""
     results = await run_checks(runtime)
-    ready = all(r.ok for r in results if r.critical)
+    stopping = request.app.state.stopping.is_set()
+    ready = all(r.ok for r in results if r.critical) and not stopping
     body = ReadinessOut(
         status="ready" if ready else "not_ready",
         version=__version__,

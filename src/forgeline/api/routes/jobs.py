@@ -41,7 +41,11 @@ async def create_job(
 ) -> JobOut:
     """Submit a job. It is stored and queued atomically before this returns."""
     submission = await jobs.submit(
-        owner=owner, pipeline=body.pipeline, job_input=body.input, idempotency_key=idempotency_key
+        owner=owner,
+        pipeline=body.pipeline,
+        job_input=body.input,
+        idempotency_key=idempotency_key,
+        cancel_on_disconnect=body.cancel_on_disconnect,
     )
     if not submission.created:
         response.status_code = status.HTTP_200_OK

@@ -1,4 +1,4 @@
-"""Initial schema: Procrastinate's queue and forgeline's jobs, artifacts, usage.
+"""Initial schema: Procrastinate's queue; forgeline's jobs, events, artifacts, usage.
 
 Procrastinate's schema is applied from the pinned library version, so the
 queue and the jobs table always live in one database and one transaction.
@@ -46,6 +46,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
         sa.Column("started_at", sa.DateTime(timezone=True)),
         sa.Column("cancel_requested_at", sa.DateTime(timezone=True)),
+        sa.Column("cancel_on_disconnect", sa.Boolean, nullable=False, server_default="false"),
         sa.Column("finished_at", sa.DateTime(timezone=True)),
         sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
         # NULLS NOT DISTINCT: jobs without an owner share one key space.
@@ -58,6 +59,19 @@ def upgrade() -> None:
     )
     op.create_index("ix_jobs_status", "jobs", ["status"])
     op.create_index("ix_jobs_owner_created", "jobs", ["owner", "created_at"])
+    op.create_table(
+        "job_events",
+        sa.Column(
+            "job_id",
+            postgresql.UUID(as_uuid=True),
+            sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("seq", sa.Integer, primary_key=True),
+        sa.Column("type", sa.String(20), nullable=False),
+        sa.Column("data", postgresql.JSONB, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    )
     op.create_table(
         "artifacts",
         sa.Column(
@@ -91,4 +105,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("usage")
     op.drop_table("artifacts")
+    op.drop_table("job_events")
     op.drop_table("jobs")

@@ -1,0 +1,175 @@
+"""Live job output: ``/api/v1/jobs/{id}/events`` (SSE) and ``/api/v1/jobs/{id}/ws``.
+
+Both replay the job's log after the client's last sequence number, then
+follow it live until the final event. On shutdown the stream ends with a
+``reconnect`` event carrying the last sequence number sent, so the client
+resumes on another replica with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import structlog
+from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from forgeline.api.deps import JobsDep, OwnerDep, RuntimeDep, get_owner, get_runtime_ws
+from forgeline.api.schemas import ErrorEnvelope
+from forgeline.errors import ConflictError, ForgelineError, InvalidInputError
+from forgeline.events.stream import StreamInterrupted, follow
+from forgeline.jobs.models import Job
+from forgeline.runtime import Runtime
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["events"])
+logger = structlog.get_logger("forgeline.api")
+
+#: Seconds between SSE heartbeat comments (proxies drop idle connections).
+HEARTBEAT_S = 15.0
+#: After shutdown starts, how long a stream may take to send its farewell.
+FAREWELL_GRACE_S = 5.0
+#: WebSocket close code for "server restarting, reconnect" (RFC 6455 registry).
+WS_SERVICE_RESTART = 1012
+WS_NOT_FOUND = 4404
+WS_BAD_REQUEST = 4400
+#: How long a WebSocket client has to send its ``{"after": N}`` message.
+WS_HELLO_TIMEOUT_S = 10.0
+
+
+def _start_after(last_event_id: str | None, after: int | None) -> int:
+    if last_event_id is not None:
+        try:
+            value = int(last_event_id)
+        except ValueError:
+            raise InvalidInputError("Last-Event-ID must be an event sequence number") from None
+        if value < 0:
+            raise InvalidInputError("Last-Event-ID must not be negative")
+        return value
+    return after or 0
+
+
+async def _cancel_if_abandoned(runtime: Runtime, job: Job) -> None:
+    """Cancel a ``cancel_on_disconnect`` job once no stream in this process follows it."""
+    if runtime.hub.listeners_of(job.id) > 0:
+        return
+    with contextlib.suppress(ConflictError):
+        await runtime.jobs.cancel(job.id, owner=job.owner)
+        logger.info(
+            "job cancelled on disconnect", action="cancel_on_disconnect", job_id=str(job.id)
+        )
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The job's event stream."},
+        404: {"model": ErrorEnvelope, "description": "No such job (or not yours)."},
+        422: {"model": ErrorEnvelope, "description": "Invalid Last-Event-ID or after."},
+    },
+)
+async def stream_events(
+    job_id: str,
+    request: Request,
+    jobs: JobsDep,
+    owner: OwnerDep,
+    runtime: RuntimeDep,
+    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+) -> EventSourceResponse:
+    """Server-sent events: replay after ``Last-Event-ID`` (or ``after``), then live."""
+    start = _start_after(last_event_id, after)
+    job = await jobs.get(job_id, owner=owner)
+    stopping: asyncio.Event = request.app.state.stopping
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        last = start
+        finished = False
+        try:
+            async for event in follow(
+                runtime.hub, runtime.sessions, job.id, after=start, stopping=stopping
+            ):
+                last = event.seq
+                yield ServerSentEvent(
+                    data=json.dumps(event.data), event=event.type.value, id=str(event.seq)
+                )
+            finished = True
+        except StreamInterrupted:
+            finished = True
+            yield ServerSentEvent(
+                data=json.dumps({"after": last, "reason": "server shutting down"}),
+                event="reconnect",
+                retry=1000,
+            )
+        finally:
+            if not finished and job.cancel_on_disconnect:
+                asyncio.get_running_loop().create_task(_cancel_if_abandoned(runtime, job))
+
+    return EventSourceResponse(
+        events(),
+        ping=HEARTBEAT_S,
+        headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
+        shutdown_grace_period=FAREWELL_GRACE_S,
+    )
+
+
+@router.websocket("/{job_id}/ws")
+async def stream_websocket(
+    websocket: WebSocket,
+    job_id: str,
+    after: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+) -> None:
+    """The same stream over a WebSocket: JSON messages ``{"seq", "type", "data"}``.
+
+    Give the last sequence number you have as ``?after=N``, or as a first
+    message ``{"after": N}``.
+    """
+    runtime = get_runtime_ws(websocket)
+    try:
+        job = await runtime.jobs.get(job_id, owner=get_owner())
+    except ForgelineError:
+        await websocket.close(code=WS_NOT_FOUND, reason="no such job")
+        return
+    await websocket.accept()
+    stopping: asyncio.Event = websocket.app.state.stopping
+    try:
+        start = after if after is not None else await _receive_after(websocket)
+    except (InvalidInputError, TimeoutError) as exc:
+        await websocket.close(code=WS_BAD_REQUEST, reason=str(exc) or 'expected {"after": N}')
+        return
+    last = start
+    finished = False
+    try:
+        async for event in follow(
+            runtime.hub, runtime.sessions, job.id, after=start, stopping=stopping
+        ):
+            last = event.seq
+            await websocket.send_json(event.as_json())
+        finished = True
+        await websocket.close()
+    except StreamInterrupted:
+        finished = True
+        await websocket.send_json(
+            {"type": "reconnect", "data": {"after": last, "reason": "server shutting down"}}
+        )
+        await websocket.close(code=WS_SERVICE_RESTART)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        if not finished and job.cancel_on_disconnect:
+            await _cancel_if_abandoned(runtime, job)
+
+
+async def _receive_after(websocket: WebSocket) -> int:
+    message = await asyncio.wait_for(websocket.receive_text(), timeout=WS_HELLO_TIMEOUT_S)
+    try:
+        value = json.loads(message)["after"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidInputError('first message must be {"after": N}') from None
+    if not isinstance(value, int) or value < 0:
+        raise InvalidInputError("after must be a non-negative integer")
+    return value

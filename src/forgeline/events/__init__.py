@@ -1,0 +1,1 @@
+"""Live output as a durable, replayable log of per-job events."""

@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from procrastinate.exceptions import ConnectorException
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 
 from forgeline import errors
@@ -85,6 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     # The database or the queue's connection failed: the client may retry.
-    app.add_exception_handler(DBAPIError, _dependency_down)
+    app.add_exception_handler(OperationalError, _dependency_down)
+    app.add_exception_handler(InterfaceError, _dependency_down)
     app.add_exception_handler(ConnectorException, _dependency_down)
     app.add_exception_handler(Exception, _unexpected)

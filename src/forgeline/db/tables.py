@@ -21,8 +21,8 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -71,11 +71,14 @@ class JobRow(Base):
 
     __table_args__ = (
         # The same owner re-sending the same Idempotency-Key finds its first job.
-        UniqueConstraint(
+        # NULLS NOT DISTINCT: jobs without an owner share one key space.
+        Index(
+            "uq_jobs_owner_idempotency_key",
             "owner",
             "idempotency_key",
-            name="uq_jobs_owner_idempotency_key",
+            unique=True,
             postgresql_nulls_not_distinct=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
         ),
         Index("ix_jobs_owner_created", "owner", "created_at"),
     )

@@ -49,13 +49,15 @@ def upgrade() -> None:
         sa.Column("cancel_on_disconnect", sa.Boolean, nullable=False, server_default="false"),
         sa.Column("finished_at", sa.DateTime(timezone=True)),
         sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
-        # NULLS NOT DISTINCT: jobs without an owner share one key space.
-        sa.UniqueConstraint(
-            "owner",
-            "idempotency_key",
-            name="uq_jobs_owner_idempotency_key",
-            postgresql_nulls_not_distinct=True,
-        ),
+    )
+    # NULLS NOT DISTINCT: jobs without an owner share one key space.
+    op.create_index(
+        "uq_jobs_owner_idempotency_key",
+        "jobs",
+        ["owner", "idempotency_key"],
+        unique=True,
+        postgresql_nulls_not_distinct=True,
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
     )
     op.create_index("ix_jobs_status", "jobs", ["status"])
     op.create_index("ix_jobs_owner_created", "jobs", ["owner", "created_at"])

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
+        # An empty variable means "unset" (FORGELINE_DATABASE_URL= → embedded).
+        env_ignore_empty=True,
         validate_default=True,
     )
 

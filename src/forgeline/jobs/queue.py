@@ -10,6 +10,7 @@ either both stored and queued or neither.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from typing import Any
 
@@ -41,7 +42,9 @@ class RunnerRetryStrategy(BaseRetryStrategy):
         self, *, exception: BaseException, job: QueueJob
     ) -> RetryDecision | None:
         if isinstance(exception, RetryLater):
-            return RetryDecision(retry_in={"seconds": round(exception.delay_s)})
+            return RetryDecision(
+                retry_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=exception.delay_s)
+            )
         if isinstance(exception, asyncio.CancelledError):
             # Procrastinate only asks about cancellations caused by its shutdown
             # (a user's abort is settled before retrying): hand the job back now.

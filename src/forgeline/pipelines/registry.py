@@ -8,6 +8,7 @@ pipelines by ``module:Class`` path, for code that is not packaged.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
@@ -80,13 +81,16 @@ def load_pipelines(extra_paths: Iterable[str] = ()) -> PipelineRegistry:
         module_name, _, attribute = path.partition(":")
         try:
             classes.append(getattr(importlib.import_module(module_name), attribute))
-        except (ImportError, AttributeError, ValueError) as exc:
+        except Exception as exc:  # anything a broken module raises must name the path
             raise ConfigurationError(
                 f"FORGELINE_PIPELINES: cannot import {path!r}: {exc}"
             ) from None
     pipelines: list[Pipeline] = []
     for cls in classes:
-        if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
-            raise ConfigurationError(f"{cls!r} is not a forgeline Pipeline subclass")
+        if not (isinstance(cls, type) and issubclass(cls, Pipeline)) or inspect.isabstract(cls):
+            raise ConfigurationError(
+                f"FORGELINE_PIPELINES / {ENTRY_POINT_GROUP}: {cls!r} is not a concrete "
+                "forgeline Pipeline subclass"
+            )
         pipelines.append(cls())
     return PipelineRegistry(pipelines)

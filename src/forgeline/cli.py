@@ -28,6 +28,9 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
+#: On shutdown, how long in-flight HTTP requests may take to finish.
+HTTP_DRAIN_S = 5
+
 HostOption = Annotated[str | None, typer.Option(help="Interface to listen on.")]
 PortOption = Annotated[int | None, typer.Option(help="Port to listen on.")]
 
@@ -74,7 +77,8 @@ async def _serve_async(settings: Settings, *, with_worker: bool) -> bool:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        # Streams end at once with "reconnect"; this bounds other requests.
+        timeout_graceful_shutdown=HTTP_DRAIN_S,
     )
     server = _Server(config, app.state.stopping)
     await server.serve()

@@ -35,7 +35,9 @@ def create_app(
             runtime = await Runtime.start(settings)
         app.state.runtime = runtime
         runtime.hub.start()
-        stop = asyncio.Event()
+        # One signal for everything: the worker starts draining the moment
+        # shutdown begins, alongside the HTTP side, so the two budgets overlap.
+        stop: asyncio.Event = app.state.stopping
         worker = asyncio.create_task(runtime.run_worker(stop)) if with_worker else None
         logger.info("forgeline ready", action="start", worker=with_worker, version=__version__)
         try:

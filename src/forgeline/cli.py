@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
-from types import FrameType
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forgeline import __version__
-from forgeline.errors import ConfigurationError, ForgelineError
+from forgeline.errors import ConfigurationError, DatabaseUnavailableError, ForgelineError
 from forgeline.logs import configure_logging
 from forgeline.settings import Settings, get_settings
 
@@ -25,8 +26,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: a long message stays one line when output goes to a log collector.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 #: On shutdown, how long in-flight HTTP requests may take to finish.
 HTTP_DRAIN_S = 5
@@ -52,13 +54,16 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _exit_status(exc: ForgelineError) -> int:
+    """2 for settings to fix, 1 for everything else (an unreachable database)."""
+    return 2 if isinstance(exc, ConfigurationError) else 1
+
+
 def _serve(settings: Settings, *, with_worker: bool) -> None:
     try:
         started = asyncio.run(_serve_async(settings, with_worker=with_worker))
     except ForgelineError as exc:
-        raise _fail(exc.message, 2) from None
-    except OSError as exc:
-        raise _fail(f"cannot reach the database: {exc}") from None
+        raise _fail(exc.message, _exit_status(exc)) from None
     if not started:
         raise typer.Exit(1)
 
@@ -95,11 +100,25 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
         super().__init__(config)
         self._stopping = stopping
-        self._loop = asyncio.get_running_loop()
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._loop.call_soon_threadsafe(self._stopping.set)
-        super().handle_exit(sig, frame)
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Our own handlers: uvicorn's re-raise the signal after a graceful
+        # shutdown, which would end a clean drain with status -15.
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._begin_shutdown, signum)
+        try:
+            yield
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    def _begin_shutdown(self, signum: int) -> None:
+        self._stopping.set()
+        if self.should_exit and signum == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting
+        self.should_exit = True
 
 
 @app.command()
@@ -129,7 +148,7 @@ def worker(
     try:
         asyncio.run(_run_worker(settings))
     except ForgelineError as exc:
-        raise _fail(exc.message, 2) from None
+        raise _fail(exc.message, _exit_status(exc)) from None
 
 
 async def _run_worker(settings: Settings) -> None:
@@ -154,11 +173,12 @@ def migrate() -> None:
 
     async def run() -> None:
         from forgeline.db import migrate as migrations
-        from forgeline.db.engine import create_engine
+        from forgeline.db.engine import check_reachable, create_engine
         from forgeline.runtime import resolve_database
 
         engine = create_engine(await resolve_database(settings), pool_size=1)
         try:
+            await check_reachable(engine)
             pending = await migrations.pending_revisions(engine)
             await migrations.upgrade(engine)
         finally:
@@ -168,9 +188,7 @@ def migrate() -> None:
     try:
         asyncio.run(run())
     except ForgelineError as exc:
-        raise _fail(exc.message, 2) from None
-    except OSError as exc:
-        raise _fail(f"cannot reach the database: {exc}") from None
+        raise _fail(exc.message, _exit_status(exc)) from None
 
 
 @app.command()
@@ -212,8 +230,8 @@ async def _doctor_checks(settings: Settings) -> list[tuple[str, bool, bool, str,
 
     try:
         runtime = await Runtime.start(settings)
-    except OSError as exc:
-        return [("database", False, True, f"cannot connect: {exc}", 0.0)]
+    except DatabaseUnavailableError as exc:
+        return [("database", False, True, exc.message, 0.0)]
     try:
         results = [
             (r.name, r.ok, r.critical, r.detail, r.duration_ms) for r in await run_checks(runtime)

@@ -22,7 +22,12 @@ from forgeline.backends.base import Backend
 from forgeline.backends.openai_compat import OpenAICompatibleBackend
 from forgeline.db import migrate
 from forgeline.db.embedded import start_embedded_postgres
-from forgeline.db.engine import SessionFactory, create_engine, create_session_factory
+from forgeline.db.engine import (
+    SessionFactory,
+    check_reachable,
+    create_engine,
+    create_session_factory,
+)
 from forgeline.errors import ConfigurationError
 from forgeline.events.hub import EventHub
 from forgeline.jobs.queue import QUEUE_NAME, TASK_NAME, RunnerRetryStrategy, create_queue_app
@@ -85,10 +90,16 @@ class Runtime:
         storage = ObjectStorage(settings.effective_storage_url)
         conninfo = await resolve_database(settings)
         engine = create_engine(conninfo, pool_size=settings.db_pool_size)
-        if settings.should_auto_migrate:
-            await migrate.upgrade(engine)
-        queue_app = create_queue_app(conninfo, pool_size=settings.db_pool_size)
-        await queue_app.open_async()
+        try:
+            # Fail fast and in one line, rather than in a pool's 30 s timeout.
+            await check_reachable(engine)
+            if settings.should_auto_migrate:
+                await migrate.upgrade(engine)
+            queue_app = create_queue_app(conninfo, pool_size=settings.db_pool_size)
+            await queue_app.open_async()
+        except BaseException:
+            await engine.dispose()
+            raise
         sessions = create_session_factory(engine)
         backends = build_backends(settings)
         if settings.backend not in backends:

@@ -46,13 +46,14 @@ class ForgelineProcess:
 
     def start(self) -> ForgelineProcess:
         """Start the command (returns at once)."""
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "forgeline", *self.args],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        # The child keeps its own copy of the file descriptor.
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "forgeline", *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return self
 
     @property

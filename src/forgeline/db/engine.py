@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
+from forgeline.errors import DatabaseUnavailableError
+
 SessionFactory = async_sessionmaker[AsyncSession]
+#: Seconds to wait for a new database connection before giving up.
+CONNECT_TIMEOUT_S = 5
 
 
 def sqlalchemy_url(conninfo: str) -> str:
@@ -28,7 +34,18 @@ def create_engine(conninfo: str, *, pool_size: int = 10) -> AsyncEngine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_timeout=10,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
     )
+
+
+async def check_reachable(engine: AsyncEngine) -> None:
+    """Connect once; ``DatabaseUnavailableError`` naming the cause if that fails."""
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+    except (DBAPIError, OSError) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        raise DatabaseUnavailableError(f"cannot reach the database: {cause}") from None
 
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:

@@ -110,3 +110,14 @@ def test_procrastinate_turns_the_decision_into_a_job_retry(
 
     assert isinstance(retry, JobRetry)
     assert strategy.get_retry_exception(RuntimeError("boom"), job) is None
+
+
+def test_lost_database_retries_after_a_pause(make_queue_job: Callable[..., QueueJob]) -> None:
+    """A delivery that lost the database is delivered again, so its state gets written."""
+    from sqlalchemy.exc import OperationalError
+
+    decision, before = decide(OperationalError("SELECT 1", {}, Exception("gone")), make_queue_job())
+
+    assert decision is not None
+    assert decision.retry_at is not None
+    assert decision.retry_at >= before + dt.timedelta(seconds=1)

@@ -18,8 +18,11 @@ from procrastinate import App, PsycopgConnector, RetryDecision
 from procrastinate import exceptions as procrastinate_errors
 from procrastinate.jobs import Job as QueueJob
 from procrastinate.retry import BaseRetryStrategy
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 QUEUE_NAME = "forgeline"
+#: Wait before delivering again a job whose delivery lost the database.
+DATABASE_RETRY_DELAY_S = 5.0
 TASK_NAME = "forgeline.run_job"
 
 
@@ -44,6 +47,12 @@ class RunnerRetryStrategy(BaseRetryStrategy):
         if isinstance(exception, RetryLater):
             return RetryDecision(
                 retry_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=exception.delay_s)
+            )
+        if isinstance(exception, (OperationalError, InterfaceError)):
+            # The database failed mid-delivery, so the job's state may not be
+            # written: deliver again once it is back (attempts still count).
+            return RetryDecision(
+                retry_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=DATABASE_RETRY_DELAY_S)
             )
         if isinstance(exception, asyncio.CancelledError):
             # Procrastinate only asks about cancellations caused by its shutdown

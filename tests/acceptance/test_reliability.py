@@ -735,12 +735,6 @@ async def test_cancel_of_a_finished_job_is_a_conflict(
 # -- the stall sweep against itself -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: the stall sweep (queue.requeue_stalled) retries a job by id without "
-    "checking it is still held by the stalled worker, so a late sweeper re-queues a job "
-    "a live worker already took back (duplicate concurrent execution)",
-)
 async def test_a_late_sweeper_does_not_requeue_a_job_a_live_worker_took_back(
     make_cluster: Callable[..., Awaitable[Cluster]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -788,12 +782,6 @@ async def test_a_late_sweeper_does_not_requeue_a_job_a_live_worker_took_back(
     assert late == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: JobService.recover_stalled marks recovered jobs 'queued' in a second "
-    "transaction after the queue hand-back, so a job a live worker restarted in between "
-    "reads 'queued' while it runs and its progress updates are dropped",
-)
 async def test_a_job_restarted_during_the_sweep_still_reads_running(
     make_cluster: Callable[..., Awaitable[Cluster]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -379,13 +379,6 @@ def test_websocket_refuses_unknown_jobs_and_bad_positions(
     assert connection.close_code == 4400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: stream_websocket checks listeners_of() before the follow() generator "
-    "it left (on WebSocketDisconnect) is closed, so its own stale subscription counts as "
-    "a listener and the job is never cancelled; fix: iterate follow() inside "
-    "contextlib.aclosing() in api/routes/events.py",
-)
 def test_websocket_client_leaving_cancels_a_cancel_on_disconnect_job(
     start_forgeline: ProcessFactory, openai_server: OpenAIServer
 ) -> None:
@@ -480,21 +473,7 @@ def test_cancel_on_disconnect_decides_what_a_client_leaving_does(
         assert job["result"]["text"] == story
 
 
-@pytest.mark.parametrize(
-    "transport",
-    [
-        "sse",
-        pytest.param(
-            "ws",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="src bug: stream_websocket never receives while it follows the log, "
-                "so a client that left a silent stream (a queued job) goes unnoticed until "
-                "the next event; fix: watch websocket.receive() in a task beside follow()",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("transport", ["sse", "ws"])
 def test_leaving_the_stream_of_a_queued_job_cancels_it(
     start_forgeline: ProcessFactory, openai_server: OpenAIServer, transport: str
 ) -> None:

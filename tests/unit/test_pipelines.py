@@ -389,7 +389,9 @@ def test_extra_path_clashing_with_a_builtin_is_refused() -> None:
 
 def test_non_pipeline_class_is_refused() -> None:
     """A path to something that is not a Pipeline subclass is refused by name."""
-    with pytest.raises(ConfigurationError, match=r"NotAPipeline.*not a concrete forgeline Pipeline"):
+    with pytest.raises(
+        ConfigurationError, match=r"NotAPipeline.*not a concrete forgeline Pipeline"
+    ):
         load_pipelines([f"{THIS_MODULE}:NotAPipeline"])
 
 

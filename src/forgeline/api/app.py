@@ -58,6 +58,8 @@ def create_app(
     app.state.settings = settings
     # Set when shutdown begins: readiness fails and streams say "reconnect".
     app.state.stopping = asyncio.Event()
+    # Fire-and-forget work started by routes, kept referenced until done.
+    app.state.background_tasks = set()
     if runtime is not None:
         app.state.runtime = runtime
     app.state.started_at = time.monotonic()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from forgeline.db.engine import SessionFactory
 from forgeline.events.hub import EventHub, Subscription
@@ -37,7 +37,7 @@ async def follow(
     after: int = 0,
     stopping: asyncio.Event | None = None,
     recheck_interval_s: float = 5.0,
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """Yield the job's events with ``seq > after``, ending after the final one.
 
     Raises :class:`StreamInterrupted` when ``stopping`` is set first.

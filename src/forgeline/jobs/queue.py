@@ -15,10 +15,11 @@ import uuid
 from typing import Any
 
 from procrastinate import App, PsycopgConnector, RetryDecision
-from procrastinate import exceptions as procrastinate_errors
 from procrastinate.jobs import Job as QueueJob
 from procrastinate.retry import BaseRetryStrategy
+from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 QUEUE_NAME = "forgeline"
 #: Wait before delivering again a job whose delivery lost the database.
@@ -91,19 +92,36 @@ async def cancel(app: App, queue_job_id: int, connection: Any, *, abort: bool) -
     )
 
 
-async def requeue_stalled(app: App, *, stall_threshold_s: float) -> list[uuid.UUID]:
-    """Put back in the queue the jobs of workers silent for ``stall_threshold_s``.
-
-    Returns the forgeline job ids handed back. Several workers may sweep at
-    once; a job another sweeper got first is skipped.
+#: Hand a stalled job back, only if it is still the dead worker's: a sweeper
+#: that read the stalled list late must not re-queue a job a live worker took.
+#: A job whose abort was requested ends instead (as Procrastinate's retry does).
+_HAND_BACK = text(
     """
-    stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stall_threshold_s)
-    recovered: list[uuid.UUID] = []
-    for queue_job in stalled:
-        try:
-            await app.job_manager.retry_job(queue_job)
-        except procrastinate_errors.ConnectorException:
-            continue  # already retried by another sweeper
-        recovered.append(uuid.UUID(str(queue_job.task_kwargs["job_id"])))
+    UPDATE procrastinate_jobs
+       SET status = (CASE WHEN abort_requested THEN 'failed' ELSE 'todo' END)
+                    ::procrastinate_job_status,
+           attempts = attempts + (CASE WHEN abort_requested THEN 0 ELSE 1 END),
+           scheduled_at = CASE WHEN abort_requested THEN scheduled_at ELSE now() END
+     WHERE id = :queue_job_id AND status = 'doing'
+       AND worker_id IS NOT DISTINCT FROM :worker_id
+    RETURNING id
+    """
+)
+
+
+async def find_stalled(app: App, *, stall_threshold_s: float) -> list[QueueJob]:
+    """Running queue jobs of workers silent for ``stall_threshold_s``."""
+    return list(await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stall_threshold_s))
+
+
+async def hand_back(session: AsyncSession, queue_job: QueueJob) -> bool:
+    """Return a stalled job to the queue in ``session``'s transaction; False if taken."""
+    handed = await session.scalar(
+        _HAND_BACK, {"queue_job_id": queue_job.id, "worker_id": queue_job.worker_id}
+    )
+    return handed is not None
+
+
+async def prune_dead_workers(app: App, *, stall_threshold_s: float) -> None:
+    """Forget workers silent for ``stall_threshold_s`` (their jobs were handed back)."""
     await app.job_manager.prune_stalled_workers(stall_threshold_s)
-    return recovered

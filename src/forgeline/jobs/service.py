@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from procrastinate import App
-from sqlalchemy import ColumnElement, Select, func, select, tuple_, update
+from sqlalchemy import ColumnElement, Select, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 
 from forgeline.db.engine import AsyncSession, SessionFactory
@@ -198,33 +198,37 @@ class JobService:
         raise NotFoundError(f"job {job_id} has no artifact {name!r}")
 
     async def recover_stalled(self, *, stall_threshold_s: float) -> list[uuid.UUID]:
-        """Hand back to the queue the jobs of dead workers (the periodic sweep)."""
-        recovered = await queue.requeue_stalled(self.queue_app, stall_threshold_s=stall_threshold_s)
-        if recovered:
+        """Hand back to the queue the jobs of dead workers (the periodic sweep).
+
+        Each job is handed back in one transaction with its row: the queue
+        entry stays locked until the job reads ``queued`` (or ``cancelled``,
+        when a cancel came while its worker was dead), so no worker can start
+        it half-way. Several workers may sweep at once; one wins each job.
+        """
+        recovered: list[uuid.UUID] = []
+        for queue_job in await queue.find_stalled(
+            self.queue_app, stall_threshold_s=stall_threshold_s
+        ):
+            job_id = uuid.UUID(str(queue_job.task_kwargs["job_id"]))
             async with self.sessions.begin() as session:
-                # A job cancelled while its worker was dead will not run again.
-                cancelled = await session.scalars(
-                    update(JobRow)
-                    .where(
-                        JobRow.id.in_(recovered),
-                        JobRow.status == JobStatus.RUNNING.value,
-                        JobRow.cancel_requested_at.is_not(None),
-                    )
-                    .values(status=JobStatus.CANCELLED.value, finished_at=func.now())
-                    .returning(JobRow.id)
+                if not await queue.hand_back(session, queue_job):
+                    continue
+                row = await session.scalar(
+                    select(JobRow).where(JobRow.id == job_id).with_for_update()
                 )
-                for job_id in cancelled.all():
+                if row is None or JobStatus(row.status).is_final:
+                    continue
+                if row.cancel_requested_at is not None:
+                    row.status = JobStatus.CANCELLED.value
+                    row.finished_at = func.now()
                     await append_events(session, job_id, [final_event(JobStatus.CANCELLED)])
-                requeued = await session.scalars(
-                    update(JobRow)
-                    .where(JobRow.id.in_(recovered), JobRow.status == JobStatus.RUNNING.value)
-                    .values(status=JobStatus.QUEUED.value)
-                    .returning(JobRow.id)
-                )
-                for job_id in requeued.all():
+                else:
+                    row.status = JobStatus.QUEUED.value
                     await append_events(
                         session, job_id, [(EventType.STATUS, {"status": JobStatus.QUEUED.value})]
                     )
+            recovered.append(job_id)
+        await queue.prune_dead_workers(self.queue_app, stall_threshold_s=stall_threshold_s)
         return recovered
 
     async def compact_events(self, *, older_than_s: float) -> int:

@@ -90,13 +90,15 @@ async def stream_events(
         last = start
         finished = False
         try:
-            async for event in follow(
-                runtime.hub, runtime.sessions, job.id, after=start, stopping=stopping
-            ):
-                last = event.seq
-                yield ServerSentEvent(
-                    data=json.dumps(event.data), event=event.type.value, id=str(event.seq)
-                )
+            # aclosing: leave the subscription as soon as the client does.
+            async with contextlib.aclosing(
+                follow(runtime.hub, runtime.sessions, job.id, after=start, stopping=stopping)
+            ) as followed:
+                async for event in followed:
+                    last = event.seq
+                    yield ServerSentEvent(
+                        data=json.dumps(event.data), event=event.type.value, id=str(event.seq)
+                    )
             finished = True
         except StreamInterrupted:
             finished = True
@@ -107,7 +109,11 @@ async def stream_events(
             )
         finally:
             if not finished and job.cancel_on_disconnect:
-                asyncio.get_running_loop().create_task(_cancel_if_abandoned(runtime, job))
+                # Not awaited here: the generator is being closed or cancelled.
+                tasks: set[asyncio.Task[None]] = request.app.state.background_tasks
+                task = asyncio.create_task(_cancel_if_abandoned(runtime, job))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
 
     return EventSourceResponse(
         events(),
@@ -141,27 +147,42 @@ async def stream_websocket(
     except (InvalidInputError, TimeoutError) as exc:
         await websocket.close(code=WS_BAD_REQUEST, reason=str(exc) or 'expected {"after": N}')
         return
+    sender = asyncio.create_task(_send_events(websocket, runtime, job, start, stopping))
+    # The client may leave while the job is silent: notice it without waiting
+    # for the next event.
+    listener = asyncio.create_task(_until_disconnect(websocket))
+    done, _ = await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (sender, listener):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+            await task
+    finished = sender in done and not sender.cancelled() and sender.exception() is None
+    if not finished and job.cancel_on_disconnect:
+        await _cancel_if_abandoned(runtime, job)
+
+
+async def _send_events(
+    websocket: WebSocket, runtime: Runtime, job: Job, start: int, stopping: asyncio.Event
+) -> None:
     last = start
-    finished = False
     try:
-        async for event in follow(
-            runtime.hub, runtime.sessions, job.id, after=start, stopping=stopping
-        ):
-            last = event.seq
-            await websocket.send_json(event.as_json())
-        finished = True
+        async with contextlib.aclosing(
+            follow(runtime.hub, runtime.sessions, job.id, after=start, stopping=stopping)
+        ) as followed:
+            async for event in followed:
+                last = event.seq
+                await websocket.send_json(event.as_json())
         await websocket.close()
     except StreamInterrupted:
-        finished = True
         await websocket.send_json(
             {"type": "reconnect", "data": {"after": last, "reason": "server shutting down"}}
         )
         await websocket.close(code=WS_SERVICE_RESTART)
-    except WebSocketDisconnect:
+
+
+async def _until_disconnect(websocket: WebSocket) -> None:
+    while (await websocket.receive())["type"] != "websocket.disconnect":
         pass
-    finally:
-        if not finished and job.cancel_on_disconnect:
-            await _cancel_if_abandoned(runtime, job)
 
 
 async def _receive_after(websocket: WebSocket) -> int:

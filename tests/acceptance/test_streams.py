@@ -534,10 +534,14 @@ async def follow_until_the_end_or_a_farewell(
 
 
 async def readiness(client: httpx.AsyncClient, base_url: str) -> str:
-    """What ``/readyz`` says: its status code, or ``refused``."""
+    """What ``/readyz`` says: its status code, or ``refused``.
+
+    A stopping server may also drop a kept-alive connection unanswered; that
+    is a refusal too.
+    """
     try:
         response = await client.get(f"{base_url}/readyz", timeout=2)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError):
         return "refused"
     return str(response.status_code)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,25 +24,6 @@ from tests.support.processes import ForgelineProcess, forgeline_env, free_port, 
 #: Settings for a subprocess: a value of ``None`` leaves that variable unset.
 EnvFactory = Callable[..., dict[str, str]]
 ProcessFactory = Callable[..., ForgelineProcess]
-
-
-class LoggedProcess(ForgelineProcess):
-    """A forgeline subprocess whose log file is closed here once the child holds it.
-
-    ``ForgelineProcess.start`` leaves its copy open, which warnings-as-errors
-    turns into a ResourceWarning failure when it is collected.
-    """
-
-    def start(self) -> LoggedProcess:
-        """Start the command (returns at once)."""
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "forgeline", *self.args],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self
 
 
 @pytest.fixture
@@ -97,7 +76,7 @@ def start_forgeline(forgeline_environ: EnvFactory, tmp_path: Path) -> Iterator[P
         port = free_port() if command in {"serve", "api"} else None
         env = forgeline_environ(**({"port": port} if port else {}), **overrides)
         log_path = tmp_path / f"{command}-{len(started)}.log"
-        process = LoggedProcess([command], env, log_path, port=port).start()
+        process = ForgelineProcess([command], env, log_path, port=port).start()
         started.append(process)
         if wait and port is not None:
             process.wait_ready()

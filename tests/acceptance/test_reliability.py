@@ -17,7 +17,6 @@ import asyncio
 import inspect
 import json
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -111,21 +110,6 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     return forgeline_env(settings_env(**values))
 
 
-class WorkerProcess(ForgelineProcess):
-    """A ``forgeline worker`` subprocess that does not keep its log file open here."""
-
-    def start(self) -> WorkerProcess:
-        """Start the command (returns at once); the child keeps its own log descriptor."""
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "forgeline", *self.args],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self
-
-
 @dataclass
 class Cluster:
     """One test's database, its client runtime, its worker subprocesses and journal."""
@@ -149,7 +133,7 @@ class Cluster:
     def start_worker(self) -> ForgelineProcess:
         """Start ``forgeline worker`` (returns at once)."""
         log = self.workdir / f"worker-{len(self.workers)}.log"
-        worker = WorkerProcess(["worker"], self.env, log).start()
+        worker = ForgelineProcess(["worker"], self.env, log).start()
         self.workers.append(worker)
         return worker
 

@@ -128,6 +128,7 @@ class Runtime:
 
     async def close(self) -> None:
         """Release connections (the embedded database stops when the process exits)."""
+        await self.runner.close()
         await self.hub.stop()
         for backend in self.backends.values():
             await backend.aclose()

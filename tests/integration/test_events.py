@@ -6,12 +6,15 @@ import asyncio
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from forgeline.db.tables import JobRow
-from forgeline.events.emitter import EventEmitter
+from forgeline.events.emitter import EventWriter
 from forgeline.events.hub import EventHub
 from forgeline.events.log import append_events, compact_finished, read_events
 from forgeline.events.models import Event, EventType
@@ -130,7 +133,8 @@ async def test_stopping_interrupts_a_follower_with_its_position(
 async def test_emitter_batches_tokens_in_order(runtime: Runtime, job_id: uuid.UUID) -> None:
     """Hundreds of deltas become a few token events whose text is the same, in order."""
     pieces = [f"{i} " for i in range(500)]
-    async with EventEmitter(runtime.sessions, job_id, flush_interval_s=0.05) as emitter:
+    writer = EventWriter(runtime.sessions, flush_interval_s=0.05)
+    async with writer.emitter(job_id) as emitter:
         for index, piece in enumerate(pieces):
             await emitter.token(piece)
             if index == 250:
@@ -149,7 +153,8 @@ async def test_emitter_flushes_a_pause_within_the_interval(
     runtime: Runtime, job_id: uuid.UUID
 ) -> None:
     """A token followed by silence is written without waiting for the next one."""
-    async with EventEmitter(runtime.sessions, job_id, flush_interval_s=0.05) as emitter:
+    writer = EventWriter(runtime.sessions, flush_interval_s=0.05)
+    async with writer.emitter(job_id) as emitter:
         await emitter.token("alone")
         for _ in range(100):
             async with runtime.sessions() as session:
@@ -158,6 +163,58 @@ async def test_emitter_flushes_a_pause_within_the_interval(
             await asyncio.sleep(0.02)
         else:
             pytest.fail("the token was not flushed within 2 s")
+
+
+async def test_writer_flushes_many_jobs_in_one_transaction(runtime: Runtime) -> None:
+    """Tokens of concurrent jobs go out together, each job's log whole and contiguous."""
+    jobs = [
+        (await runtime.jobs.submit(owner=None, pipeline="echo", job_input={})).job.id
+        for _ in range(20)
+    ]
+    writer = EventWriter(runtime.sessions, flush_interval_s=0.05)
+    transactions = 0
+    real_begin = runtime.sessions.begin
+
+    def counting_begin() -> object:
+        nonlocal transactions
+        transactions += 1
+        return real_begin()
+
+    writer.sessions = cast(Any, SimpleNamespace(begin=counting_begin))
+
+    async def generate(job: uuid.UUID) -> None:
+        async with writer.emitter(job) as emitter:
+            for i in range(50):
+                await emitter.token(f"{i} ")
+                await asyncio.sleep(0.002)
+
+    await asyncio.gather(*(generate(job) for job in jobs))
+    await writer.close()
+    for job in jobs:
+        async with runtime.sessions() as session:
+            events = await read_events(session, job)
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        text = "".join(e.data["text"] for e in events if e.type is EventType.TOKEN)
+        assert text == "".join(f"{i} " for i in range(50))
+    # 20 jobs x 50 deltas over ~0.1-0.5 s: a handful of ticks, not a write per job per tick.
+    assert transactions < 40
+
+
+async def test_a_failed_flush_fails_the_attempt_it_carried(
+    runtime: Runtime, job_id: uuid.UUID
+) -> None:
+    """A flush that cannot reach the database raises in the job's next emitter call."""
+    writer = EventWriter(runtime.sessions, flush_interval_s=0.01)
+
+    def broken_begin() -> object:
+        raise OperationalError("INSERT", {}, Exception("connection lost"))
+
+    writer.sessions = cast(Any, SimpleNamespace(begin=broken_begin))
+    emitter = writer.emitter(job_id)
+    await emitter.token("lost")
+    await asyncio.sleep(0.1)
+    with pytest.raises(OperationalError):
+        await emitter.token("more")
 
 
 async def test_compaction_keeps_only_the_final_event_of_old_jobs(

@@ -8,7 +8,7 @@ import uuid
 
 from forgeline.client import _parse_sse
 from forgeline.events.hub import EventHub, Subscription
-from forgeline.events.log import MAX_PAYLOAD_BYTES, notification_payload
+from forgeline.events.log import MAX_PAYLOAD_BYTES, notification_payloads
 from forgeline.events.models import Event, EventType
 
 
@@ -41,25 +41,40 @@ async def test_silence_returns_none_after_the_timeout() -> None:
 def test_small_batches_travel_in_the_notification() -> None:
     """A batch under the size limit is carried whole in the payload."""
     job_id = uuid.uuid4()
-    payload = json.loads(notification_payload(job_id, [_event(1), _event(2)]))
-    assert payload["job"] == str(job_id)
-    assert payload["last"] == 2
-    assert [item["seq"] for item in payload["events"]] == [1, 2]
+    [payload] = notification_payloads({job_id: [_event(1), _event(2)]})
+    [entry] = json.loads(payload)
+    assert entry["job"] == str(job_id)
+    assert entry["last"] == 2
+    assert [item["seq"] for item in entry["events"]] == [1, 2]
 
 
 def test_large_batches_send_only_their_range() -> None:
     """A batch over the limit is announced by range; followers read the table."""
-    payload = notification_payload(uuid.uuid4(), [_event(7, "x" * MAX_PAYLOAD_BYTES)])
+    [payload] = notification_payloads({uuid.uuid4(): [_event(7, "x" * MAX_PAYLOAD_BYTES)]})
     assert len(payload.encode()) < MAX_PAYLOAD_BYTES
-    assert "events" not in json.loads(payload)
+    [entry] = json.loads(payload)
+    assert entry["last"] == 7
+    assert "events" not in entry
+
+
+def test_many_jobs_share_payloads_under_the_limit() -> None:
+    """Batches of many jobs are packed into as few payloads as fit, none too large."""
+    batches = {uuid.uuid4(): [_event(seq, "y" * 300)] for seq in range(1, 101)}
+    payloads = notification_payloads(batches)
+    assert 1 < len(payloads) < 10
+    assert all(len(p.encode()) <= MAX_PAYLOAD_BYTES for p in payloads)
+    entries = [entry for p in payloads for entry in json.loads(p)]
+    assert [entry["job"] for entry in entries] == [str(job_id) for job_id in batches]
+    assert all(len(entry["events"]) == 1 for entry in entries)
 
 
 async def test_hub_routes_notifications_to_the_job_subscribers_only() -> None:
     """A notification wakes the subscribers of its job and nobody else's."""
     hub = EventHub("postgresql://unused")
-    mine, other = uuid.uuid4(), uuid.uuid4()
+    mine, other, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     with hub.subscribe(mine) as subscription, hub.subscribe(other) as bystander:
-        hub._dispatch(notification_payload(mine, [_event(1)]))
+        [payload] = notification_payloads({mine: [_event(1)], third: [_event(4)]})
+        hub._dispatch(payload)
         assert await subscription.next(1) == [_event(1)]
         assert await bystander.next(0.01) is None
         assert hub.subscriber_count == 2
@@ -71,7 +86,8 @@ async def test_hub_ignores_malformed_notifications() -> None:
     hub = EventHub("postgresql://unused")
     with hub.subscribe(uuid.uuid4()) as subscription:
         hub._dispatch("not json")
-        hub._dispatch(json.dumps({"job": "not-a-uuid"}))
+        hub._dispatch(json.dumps([{"job": "not-a-uuid"}]))
+        hub._dispatch(json.dumps({"job": str(uuid.uuid4())}))
         assert await asyncio.wait_for(subscription.next(0.01), 1) is None
 
 

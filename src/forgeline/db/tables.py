@@ -64,6 +64,8 @@ class JobRow(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_on_disconnect: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The last event sequence number handed out; appends lock this row.
+    event_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

@@ -120,19 +120,19 @@ class EventHub:
 
     def _dispatch(self, payload: str) -> None:
         try:
-            message = json.loads(payload)
-            job_id = uuid.UUID(message["job"])
-        except (ValueError, KeyError, TypeError):
+            entries = json.loads(payload)
+            parsed = [(uuid.UUID(entry["job"]), entry.get("events")) for entry in entries]
+        except (ValueError, KeyError, TypeError, AttributeError):
             logger.warning("bad event notification", action="bad_notification")
             return
-        subscribers = self._subscriptions.get(job_id)
-        if not subscribers:
-            return
-        events: list[Event] | None = None
-        if "events" in message:
-            events = [
-                Event(item["seq"], EventType(item["type"]), item["data"])
-                for item in message["events"]
-            ]
-        for subscription in subscribers:
-            subscription.push(events)
+        for job_id, items in parsed:
+            subscribers = self._subscriptions.get(job_id)
+            if not subscribers:
+                continue
+            events: list[Event] | None = None
+            if items is not None:
+                events = [
+                    Event(item["seq"], EventType(item["type"]), item["data"]) for item in items
+                ]
+            for subscription in subscribers:
+                subscription.push(events)

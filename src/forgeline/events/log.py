@@ -1,9 +1,10 @@
 """Appending to and reading from the ``job_events`` table.
 
 Appends happen inside the caller's transaction, so an event and the state
-change it reports commit together. Each append also queues a NOTIFY on
-``forgeline_events``, which PostgreSQL delivers on commit to every API
-process listening; small batches travel inside the notification, so live
+change it reports commit together. Sequence numbers come from a counter on
+the job's row. Each append also queues a NOTIFY on ``forgeline_events``,
+which PostgreSQL delivers on commit to every API process listening; the
+events travel inside the notification when small enough, so live
 subscribers rarely need to read the table.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, text
@@ -25,29 +26,73 @@ CHANNEL = "forgeline_events"
 MAX_PAYLOAD_BYTES = 7500
 
 
+#: Hands out ``n`` sequence numbers to one job; the row lock, held to commit,
+#: keeps each job's writers in order, so a reader never sees a later number
+#: commit before an earlier one.
+_RESERVE_ONE = text("UPDATE jobs SET event_seq = event_seq + :n WHERE id = :id RETURNING event_seq")
+#: The same for many jobs: rows locked in id order (no deadlock between two
+#: batches), then bumped in one statement.
+_LOCK_MANY = text("SELECT id FROM jobs WHERE id = ANY(:ids) ORDER BY id FOR UPDATE")
+_RESERVE_MANY = text(
+    "UPDATE jobs SET event_seq = jobs.event_seq + b.n"
+    " FROM unnest(CAST(:ids AS uuid[]), CAST(:ns AS bigint[])) AS b(id, n)"
+    " WHERE jobs.id = b.id RETURNING jobs.id, jobs.event_seq"
+)
+_NOTIFY_MANY = text(
+    "SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"
+)
+
+EventSpec = tuple[EventType, dict[str, Any]]
+
+
 async def append_events(
-    session: AsyncSession, job_id: uuid.UUID, events: Sequence[tuple[EventType, dict[str, Any]]]
+    session: AsyncSession, job_id: uuid.UUID, events: Sequence[EventSpec]
 ) -> list[Event]:
     """Append ``events`` to the job's log in the session's transaction."""
     if not events:
         return []
-    # One writer per job at a time, so sequence numbers never collide or skip.
-    await session.execute(
-        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": str(job_id)}
+    last = await session.scalar(_RESERVE_ONE, {"n": len(events), "id": job_id})
+    if last is None:
+        raise LookupError(f"no job {job_id}")
+    appended = _numbered(int(last), events)
+    await _insert(session, {job_id: appended})
+    return appended
+
+
+async def append_many(
+    session: AsyncSession, batches: Mapping[uuid.UUID, Sequence[EventSpec]]
+) -> dict[uuid.UUID, list[Event]]:
+    """Append each job's events in one transaction; jobs that do not exist are left out."""
+    batches = {job_id: events for job_id, events in batches.items() if events}
+    if not batches:
+        return {}
+    ids = list(batches)
+    await session.execute(_LOCK_MANY, {"ids": ids})
+    reserved = await session.execute(
+        _RESERVE_MANY, {"ids": ids, "ns": [len(batches[job_id]) for job_id in ids]}
     )
-    last = await session.scalar(
-        select(func.coalesce(func.max(JobEventRow.seq), 0)).where(JobEventRow.job_id == job_id)
-    )
-    appended = [Event(int(last or 0) + i + 1, kind, data) for i, (kind, data) in enumerate(events)]
+    appended = {job_id: _numbered(int(last), batches[job_id]) for job_id, last in reserved}
+    await _insert(session, appended)
+    return appended
+
+
+def _numbered(last: int, events: Sequence[EventSpec]) -> list[Event]:
+    first = last - len(events) + 1
+    return [Event(first + i, kind, data) for i, (kind, data) in enumerate(events)]
+
+
+async def _insert(session: AsyncSession, appended: Mapping[uuid.UUID, list[Event]]) -> None:
     await session.execute(
         insert(JobEventRow),
-        [{"job_id": job_id, "seq": e.seq, "type": e.type.value, "data": e.data} for e in appended],
+        [
+            {"job_id": job_id, "seq": e.seq, "type": e.type.value, "data": e.data}
+            for job_id, events in appended.items()
+            for e in events
+        ],
     )
     await session.execute(
-        text("SELECT pg_notify(:channel, :payload)"),
-        {"channel": CHANNEL, "payload": notification_payload(job_id, appended)},
+        _NOTIFY_MANY, {"channel": CHANNEL, "payloads": notification_payloads(appended)}
     )
-    return appended
 
 
 def final_event(
@@ -62,13 +107,32 @@ def final_event(
     return EventType.FINAL, data
 
 
-def notification_payload(job_id: uuid.UUID, events: Sequence[Event]) -> str:
-    """The NOTIFY payload: the events themselves when small enough, else their range."""
-    body: dict[str, Any] = {"job": str(job_id), "last": events[-1].seq}
-    with_events = json.dumps({**body, "events": [e.as_json() for e in events]})
-    if len(with_events.encode()) <= MAX_PAYLOAD_BYTES:
-        return with_events
-    return json.dumps(body)
+def notification_payloads(appended: Mapping[uuid.UUID, Sequence[Event]]) -> list[str]:
+    """NOTIFY payloads for newly appended events, each under PostgreSQL's limit.
+
+    A payload is a JSON list with one entry per job: ``{"job", "last",
+    "events"}``, or without ``events`` when they alone would not fit, which
+    tells listeners to read the table up to ``last``. Many jobs share one
+    payload, so a busy worker sends a few notifications per flush, not one
+    per job.
+    """
+    payloads: list[str] = []
+    parts: list[str] = []
+    size = 2  # the brackets
+    for job_id, events in appended.items():
+        body: dict[str, Any] = {"job": str(job_id), "last": events[-1].seq}
+        part = json.dumps({**body, "events": [e.as_json() for e in events]})
+        if len(part.encode()) + 2 > MAX_PAYLOAD_BYTES:
+            part = json.dumps(body)
+        part_size = len(part.encode()) + 1  # and a comma
+        if parts and size + part_size > MAX_PAYLOAD_BYTES:
+            payloads.append("[" + ",".join(parts) + "]")
+            parts, size = [], 2
+        parts.append(part)
+        size += part_size
+    if parts:
+        payloads.append("[" + ",".join(parts) + "]")
+    return payloads
 
 
 async def read_events(

@@ -24,7 +24,7 @@ from forgeline.backends.base import Backend
 from forgeline.db.engine import SessionFactory
 from forgeline.db.tables import ArtifactRow, JobRow, UsageRow
 from forgeline.errors import ForgelineError
-from forgeline.events.emitter import EventEmitter
+from forgeline.events.emitter import EventWriter
 from forgeline.events.log import append_events, final_event
 from forgeline.events.models import EventType
 from forgeline.jobs.models import FINAL_STATUSES, JobStatus
@@ -59,6 +59,11 @@ class JobRunner:
         self.default_backend = default_backend
         self.storage = storage
         self.retry_backoff_s = retry_backoff_s
+        self.events = EventWriter(sessions)
+
+    async def close(self) -> None:
+        """Write the events still queued."""
+        await self.events.close()
 
     async def run(self, queue_context: JobContext, job_id: str) -> None:
         """Run one delivery of a job; the Procrastinate task body.
@@ -105,7 +110,7 @@ class JobRunner:
             return
         log.info("job started", action="job_started")
         try:
-            async with EventEmitter(self.sessions, job_uuid) as emitter:
+            async with self.events.emitter(job_uuid) as emitter:
                 ctx = PipelineContext(
                     job_id=job_uuid,
                     attempt=row.attempts,

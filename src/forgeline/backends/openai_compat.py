@@ -11,10 +11,13 @@ clients) takes over instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx2
 import openai
 
 from forgeline.backends.base import Backend, Delta, GenerationRequest, Usage
@@ -56,24 +59,23 @@ class OpenAICompatibleBackend(Backend):
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        async with self._slots:
-            stream = await self._open_with_retries(request)
+        async with self._slots, contextlib.AsyncExitStack() as stack:
+            response = await self._open_with_retries(stack, request)
             try:
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        yield Delta(
-                            "",
-                            Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens),
-                        )
-                    for choice in chunk.choices:
-                        if choice.delta.content:
-                            yield Delta(choice.delta.content)
-            except openai.OpenAIError as exc:
-                raise _translate(exc, self.base_url) from None
-            finally:
-                await stream.close()
+                async for data in _sse_data(response.iter_lines()):
+                    if data == "[DONE]":
+                        return
+                    for delta in _parse_chunk(data, self.base_url):
+                        yield delta
+            except httpx2.HTTPError as exc:
+                raise BackendUnavailableError(
+                    f"the model server at {self.base_url} broke off the stream: {exc}"
+                ) from None
 
-    async def _open_with_retries(self, request: GenerationRequest) -> Any:
+    async def _open_with_retries(
+        self, stack: contextlib.AsyncExitStack, request: GenerationRequest
+    ) -> Any:
+        """The streaming response, opened; the SDK raises for error statuses."""
         messages: list[dict[str, str]] = []
         if request.system:
             messages.append({"role": "system", "content": request.system})
@@ -81,15 +83,19 @@ class OpenAICompatibleBackend(Backend):
         attempt = 0
         while True:
             try:
-                return await self._client.chat.completions.create(  # type: ignore[call-overload]
-                    model=self.model,
-                    messages=messages,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    max_tokens=request.max_tokens,
-                    temperature=request.temperature,
-                    seed=request.seed,
-                    stop=list(request.stop) or None,
+                # The raw stream: the SDK's typed chunks cost more CPU than the
+                # whole rest of a token's way to the client.
+                return await stack.enter_async_context(
+                    self._client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+                        model=self.model,
+                        messages=messages,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        max_tokens=request.max_tokens,
+                        temperature=request.temperature,
+                        seed=request.seed,
+                        stop=list(request.stop) or None,
+                    )
                 )
             except openai.OpenAIError as exc:
                 error = _translate(exc, self.base_url)
@@ -114,6 +120,42 @@ class OpenAICompatibleBackend(Backend):
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The ``data`` of each server-sent event (multi-line data joined by newlines)."""
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data.clear()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+def _parse_chunk(data: str, base_url: str) -> list[Delta]:
+    """The deltas in one chat completion chunk, usage first when it carries any."""
+    try:
+        chunk = json.loads(data)
+        if not isinstance(chunk, dict):
+            raise TypeError("not an object")
+        if error := chunk.get("error"):
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            raise BackendError(f"the model server at {base_url} failed mid-stream: {message}")
+        deltas: list[Delta] = []
+        if usage := chunk.get("usage"):
+            deltas.append(Delta("", Usage(usage["prompt_tokens"], usage["completion_tokens"])))
+        for choice in chunk.get("choices") or ():
+            if content := (choice.get("delta") or {}).get("content"):
+                deltas.append(Delta(content))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise BackendError(
+            f"the model server at {base_url} sent a malformed chunk ({exc}): {data[:200]!r}"
+        ) from None
+    return deltas
 
 
 def _translate(exc: openai.OpenAIError, base_url: str) -> BackendError:

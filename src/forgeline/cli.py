@@ -7,6 +7,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -343,6 +344,75 @@ def _generate_remote(url: str, story_input: dict[str, Any], printer: _StoryPrint
             printer.handle(event.type, event.data)
     finally:
         client.close()
+
+
+@app.command()
+def bench(
+    url: Annotated[
+        str | None,
+        typer.Option(help="A running forgeline (http://host:port); default: in-process."),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FORGELINE_BENCH_KEY", help="API key, sent as 'Authorization: Bearer KEY'."
+        ),
+    ] = None,
+    pipeline: Annotated[str, typer.Option(help="The pipeline every job runs.")] = "story",
+    jobs: Annotated[int, typer.Option(min=1, help="How many jobs to run.")] = 10,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at once.")] = 3,
+    ramp_s: Annotated[
+        float, typer.Option(min=0, help="Grow from 1 to --concurrency over this many seconds.")
+    ] = 0.0,
+    job_input: Annotated[
+        str | None,
+        typer.Option("--input", help="Each job's input, a JSON object (story: a fixed prompt)."),
+    ] = None,
+    timeout_s: Annotated[
+        float, typer.Option(min=1, help="A job with no final event by then counts as timed out.")
+    ] = 120.0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the report as JSON to this file.")
+    ] = None,
+    thresholds: Annotated[
+        Path | None, typer.Option(help="TOML file overriding the default thresholds.")
+    ] = None,
+    compare: Annotated[
+        Path | None, typer.Option(help="A report saved with --json to compare against.")
+    ] = None,
+    fail_on_regression: Annotated[
+        bool, typer.Option(help="Exit 1 when a figure regressed against --compare.")
+    ] = False,
+) -> None:
+    """Benchmark generation jobs: timings, a stress figure and a pass/fail verdict.
+
+    Exit status 0 when every threshold passes, 1 when one fails, 2 when the
+    benchmark cannot run (wrong URL, refused key, unknown pipeline).
+    """
+    from forgeline.benchmark.command import BenchOptions, run_bench
+
+    options = BenchOptions(
+        url=url,
+        api_key=key,
+        pipeline=pipeline,
+        jobs=jobs,
+        concurrency=concurrency,
+        ramp_s=ramp_s,
+        input_json=job_input,
+        job_timeout_s=timeout_s,
+        json_path=json_path,
+        thresholds_path=thresholds,
+        compare_path=compare,
+        fail_on_regression=fail_on_regression,
+    )
+    # In-process only: a remote run needs no settings. Warnings only, so
+    # the server's logs do not bury the progress bar.
+    settings = _settings(log_level="warning") if url is None else None
+    try:
+        status = run_bench(options, settings=settings, out=out, err=err)
+    except ForgelineError as exc:
+        raise _fail(exc.message, 2) from None
+    raise typer.Exit(status)
 
 
 def main() -> None:

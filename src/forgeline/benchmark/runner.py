@@ -1,0 +1,441 @@
+"""Drives benchmark jobs against a forgeline API: submit, follow the stream, measure.
+
+Every job is measured from the client's side, the way an application sees
+forgeline: the clock starts just before ``POST /api/v1/jobs`` and stops at
+the stream's ``final`` event. The job's own timestamps, read back once it has
+finished, give the queue wait and which jobs ran at the same time.
+
+Tokens are counted as the whitespace-separated words of the text the stream
+carried (the last attempt's, when a job was retried): the API does not expose
+the model's own token count, and words are the unit the test model server
+and ``bench/streaming.py`` count too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from forgeline.benchmark import BenchmarkError
+from forgeline.benchmark.stats import JobSample, Outcome
+from forgeline.client import StreamEvent
+
+#: What a story job asks for unless ``--input`` says otherwise.
+DEFAULT_STORY_INPUT: dict[str, Any] = {"prompt": "A lighthouse keeper finds a door in the sea"}
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 30.0
+#: Longest silence on a stream before it counts as dropped (the server pings every 15 s).
+STREAM_READ_TIMEOUT_S = 45.0
+#: How long a dropped stream is retried before the job counts as lost.
+RECONNECT_FOR_S = 30.0
+RECONNECT_PAUSE_S = 0.5
+#: Budget for cancelling a job that ran past the job timeout (best effort).
+CANCEL_TIMEOUT_S = 5.0
+#: Final statuses of a job, as the benchmark counts them.
+FINAL_OUTCOMES = {
+    "succeeded": Outcome.SUCCEEDED,
+    "failed": Outcome.FAILED,
+    "cancelled": Outcome.CANCELLED,
+}
+
+JobDone = Callable[[JobSample], None]
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What to run: how many jobs of which pipeline, how many at once, against what."""
+
+    base_url: str
+    pipeline: str
+    job_input: dict[str, Any]
+    jobs: int
+    concurrency: int
+    #: Seconds over which the jobs in flight grow from one to ``concurrency``.
+    ramp_s: float = 0.0
+    api_key: str | None = None
+    #: A job with no final event this long after its submit counts as timed out.
+    job_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """Every job's sample, when the run started (ISO 8601, UTC) and how long it took."""
+
+    samples: list[JobSample]
+    started_at: str
+    wall_s: float
+
+
+def default_input(pipeline: str) -> dict[str, Any]:
+    """The input each job gets when none is given: a story prompt, or nothing."""
+    return dict(DEFAULT_STORY_INPUT) if pipeline == "story" else {}
+
+
+class SseDecoder:
+    """Turns the lines of a ``text/event-stream`` into events, one line at a time."""
+
+    def __init__(self) -> None:
+        self._fields: dict[str, str] = {}
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> StreamEvent | None:
+        """Take one line (without its end); return the event it completes, if any."""
+        if not line:
+            event = None
+            if self._data:
+                seq = int(self._fields.get("id") or 0)
+                data = json.loads("\n".join(self._data))
+                event = StreamEvent(seq, self._fields.get("event", "message"), data)
+            self._fields, self._data = {}, []
+            return event
+        if line.startswith(":"):
+            return None  # a heartbeat comment
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        else:
+            self._fields[name] = value
+        return None
+
+
+class _Watch:
+    """What the benchmark learns about one job as it goes."""
+
+    def __init__(self, index: int, origin: float) -> None:
+        self.index = index
+        self.origin = origin
+        self.sent = time.perf_counter()
+        self.job_id: str | None = None
+        self.submit_s: float | None = None
+        self.first_token: float | None = None
+        self.final_at: float | None = None
+        self.attempts = 0
+        self.errors_seen = 0
+        self.parts: list[str] = []
+        self.created_at: float | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    def see(self, event: StreamEvent, at: float) -> dict[str, Any] | None:
+        """Record one stream event; return the final event's data when it is one."""
+        if event.type == "token":
+            if self.first_token is None:
+                self.first_token = at
+            self.parts.append(str(event.data.get("text", "")))
+        elif event.type == "attempt":
+            self.attempts = int(event.data.get("attempt", self.attempts + 1))
+            if self.attempts > 1:
+                self.parts.clear()  # a new delivery starts the text over
+        elif event.type == "error":
+            self.errors_seen += 1
+        elif event.type == "final":
+            self.final_at = at
+            return event.data
+        return None
+
+    def record_job(self, job: dict[str, Any]) -> None:
+        """Keep the job's own timestamps, as the API reports them."""
+        self.created_at = _epoch(job.get("created_at"))
+        self.started_at = _epoch(job.get("started_at"))
+        self.finished_at = _epoch(job.get("finished_at"))
+
+    def sample(
+        self, outcome: Outcome, code: str | None = None, message: str | None = None
+    ) -> JobSample:
+        """The job's record, as it stands now."""
+        queue_wait = None
+        if self.created_at is not None and self.started_at is not None:
+            queue_wait = max(0.0, self.started_at - self.created_at)
+        return JobSample(
+            index=self.index,
+            outcome=outcome,
+            job_id=self.job_id,
+            error_code=code,
+            error_message=message,
+            sent_at_s=self.sent - self.origin,
+            ended_at_s=time.perf_counter() - self.origin,
+            submit_s=self.submit_s,
+            queue_wait_s=queue_wait,
+            ttft_s=None if self.first_token is None else self.first_token - self.sent,
+            generation_s=None if self.final_at is None else self.final_at - self.sent,
+            tokens=len("".join(self.parts).split()),
+            attempts=self.attempts,
+            errors_seen=self.errors_seen,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+        )
+
+
+class Benchmark:
+    """Runs a :class:`BenchPlan` and returns what every job saw.
+
+    Jobs run ``concurrency`` at a time (a semaphore). With a ramp, the
+    semaphore opens with one slot and the others open one by one, evenly
+    over ``ramp_s``. A problem that would fail every job the same way (the
+    server is unreachable, refuses the key, does not know the pipeline)
+    stops the run with a :class:`BenchmarkError`; anything else is recorded
+    as that job's outcome.
+    """
+
+    def __init__(self, plan: BenchPlan, *, on_job_done: JobDone | None = None) -> None:
+        self.plan = plan
+        self.base_url = plan.base_url.rstrip("/")
+        self._on_job_done = on_job_done
+
+    async def run(self) -> BenchRun:
+        """Check the server, run every job, return the samples in submit order."""
+        try:
+            parts = urlsplit(self.base_url)
+            usable = parts.scheme in {"http", "https"} and bool(parts.hostname)
+        except ValueError:
+            usable = False
+        if not usable:
+            raise BenchmarkError(f"--url must be an http:// or https:// URL, not {self.base_url!r}")
+        headers = {"Authorization": f"Bearer {self.plan.api_key}"} if self.plan.api_key else {}
+        # A submit and a stream per job in flight, and a few to spare.
+        connections = 2 * self.plan.concurrency + 4
+        async with httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        ) as http:
+            await self._preflight(http)
+            return await self._run_jobs(http)
+
+    async def _run_jobs(self, http: httpx.AsyncClient) -> BenchRun:
+        plan = self.plan
+        ramping = plan.ramp_s > 0 and plan.concurrency > 1
+        slots = asyncio.Semaphore(1 if ramping else plan.concurrency)
+        samples: list[JobSample] = []
+        started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        origin = time.perf_counter()
+        ramp = asyncio.create_task(self._ramp_up(slots)) if ramping else None
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index in range(plan.jobs):
+                    group.create_task(self._job(http, slots, index, origin, samples))
+        except* BenchmarkError as stopped:
+            raise stopped.exceptions[0] from None
+        finally:
+            if ramp is not None:
+                ramp.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ramp
+        wall_s = time.perf_counter() - origin
+        return BenchRun(sorted(samples, key=lambda s: s.index), started_at, wall_s)
+
+    async def _ramp_up(self, slots: asyncio.Semaphore) -> None:
+        step_s = self.plan.ramp_s / (self.plan.concurrency - 1)
+        for _ in range(self.plan.concurrency - 1):
+            await asyncio.sleep(step_s)
+            slots.release()  # one more job may be in flight from now on
+
+    async def _job(
+        self,
+        http: httpx.AsyncClient,
+        slots: asyncio.Semaphore,
+        index: int,
+        origin: float,
+        samples: list[JobSample],
+    ) -> None:
+        async with slots:
+            sample = await self._measure(http, _Watch(index, origin))
+        samples.append(sample)
+        if self._on_job_done is not None:
+            self._on_job_done(sample)
+
+    async def _measure(self, http: httpx.AsyncClient, watch: _Watch) -> JobSample:
+        timeout_s = self.plan.job_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._submit_and_follow(http, watch)
+        except TimeoutError:
+            pass
+        if watch.job_id is not None:
+            await self._cancel(http, watch.job_id)
+        return watch.sample(Outcome.TIMEOUT, "timeout", f"no final event within {timeout_s:g} s")
+
+    async def _submit_and_follow(self, http: httpx.AsyncClient, watch: _Watch) -> JobSample:
+        body = {"pipeline": self.plan.pipeline, "input": self.plan.job_input}
+        try:
+            response = await http.post("/api/v1/jobs", json=body)
+        except httpx.TransportError as exc:
+            return watch.sample(Outcome.REJECTED, "unreachable", _describe(exc))
+        watch.submit_s = time.perf_counter() - watch.sent
+        status = response.status_code
+        if status in {401, 403}:
+            raise self._key_refused(response)
+        if status == 429 or status >= 500:
+            # Load the server sheds: part of what a benchmark measures.
+            return watch.sample(Outcome.REJECTED, _code(response), _reason(response))
+        if status >= 400:
+            # Unknown pipeline, invalid input: every other job would fail the same way.
+            raise BenchmarkError(f"{self.base_url} refused the job: {_reason(response)}")
+        watch.job_id = str(response.json()["id"])
+        try:
+            final = await self._follow(http, watch)
+        except _StreamLost as lost:
+            return watch.sample(Outcome.LOST, lost.code, lost.message)
+        await self._read_job(http, watch)
+        outcome = FINAL_OUTCOMES.get(str(final.get("status")), Outcome.FAILED)
+        error = final.get("error") or {}
+        return watch.sample(outcome, error.get("code"), error.get("message"))
+
+    async def _follow(self, http: httpx.AsyncClient, watch: _Watch) -> dict[str, Any]:
+        """Read the job's stream to its final event, resuming after a drop; return that event."""
+        path = f"/api/v1/jobs/{watch.job_id}/events"
+        timeout = httpx.Timeout(
+            REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, read=STREAM_READ_TIMEOUT_S
+        )
+        last = 0
+        failing_since: float | None = None
+        while True:
+            headers = {"Last-Event-ID": str(last), "Accept": "text/event-stream"}
+            try:
+                async with http.stream("GET", path, headers=headers, timeout=timeout) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        problem = self._stream_refused(response)
+                    else:
+                        decoder = SseDecoder()
+                        problem = "the stream ended before the final event"
+                        async for line in response.aiter_lines():
+                            event = decoder.feed(line)
+                            if event is None:
+                                continue
+                            failing_since = None
+                            if event.type == "reconnect":
+                                break  # the server is going away: resume elsewhere
+                            last = event.seq
+                            final = watch.see(event, time.perf_counter())
+                            if final is not None:
+                                return final
+            except httpx.TransportError as exc:
+                problem = _describe(exc)
+            now = time.monotonic()
+            failing_since = failing_since or now
+            if now - failing_since > RECONNECT_FOR_S:
+                raise _StreamLost("stream_lost", f"lost the stream: {problem}")
+            await asyncio.sleep(RECONNECT_PAUSE_S)
+
+    def _stream_refused(self, response: httpx.Response) -> str:
+        """Why the stream was refused; raises when retrying cannot help."""
+        status = response.status_code
+        if status in {401, 403}:
+            raise self._key_refused(response)
+        if status < 500 and status != 429:
+            raise _StreamLost(_code(response), _reason(response))
+        return f"HTTP {status}: {_reason(response)}"
+
+    async def _read_job(self, http: httpx.AsyncClient, watch: _Watch) -> None:
+        """Keep the finished job's timestamps; without them only the queue wait is missing."""
+        with contextlib.suppress(httpx.TransportError, ValueError):
+            response = await http.get(f"/api/v1/jobs/{watch.job_id}")
+            if response.status_code == 200:
+                watch.record_job(response.json())
+
+    async def _cancel(self, http: httpx.AsyncClient, job_id: str) -> None:
+        """Ask the server to stop a job the benchmark gave up on, so it frees its worker."""
+        with contextlib.suppress(httpx.TransportError):
+            await http.post(f"/api/v1/jobs/{job_id}/cancel", timeout=CANCEL_TIMEOUT_S)
+
+    async def _preflight(self, http: httpx.AsyncClient) -> None:
+        """Fail once, clearly, for a wrong URL, a refused key or an unknown pipeline."""
+        try:
+            response = await http.get("/api/v1/pipelines")
+        except httpx.TransportError as exc:
+            raise BenchmarkError(
+                f"cannot reach forgeline at {self.base_url}: {_describe(exc)}"
+            ) from None
+        if response.status_code in {401, 403}:
+            raise self._key_refused(response)
+        try:
+            names = [str(item["name"]) for item in response.json()["items"]]
+            if response.status_code != 200:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise BenchmarkError(
+                f"{self.base_url} is not a forgeline API: GET /api/v1/pipelines answered "
+                f"HTTP {response.status_code}"
+            ) from None
+        if self.plan.pipeline not in names:
+            raise BenchmarkError(
+                f"unknown pipeline {self.plan.pipeline!r}; {self.base_url} runs: "
+                f"{', '.join(names) or 'none'}"
+            )
+
+    def _key_refused(self, response: httpx.Response) -> BenchmarkError:
+        status = response.status_code
+        if self.plan.api_key is None:
+            return BenchmarkError(
+                f"{self.base_url} requires an API key (HTTP {status}: {_reason(response)}); "
+                "pass --key"
+            )
+        return BenchmarkError(
+            f"{self.base_url} rejected the API key (HTTP {status}: {_reason(response)})"
+        )
+
+
+class _StreamLost(Exception):
+    """The job's stream could not be read to its end."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _envelope(response: httpx.Response) -> dict[str, Any]:
+    """The ``error`` object of forgeline's error envelope, or an empty one."""
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return error if isinstance(error, dict) else {}
+
+
+def _code(response: httpx.Response) -> str:
+    """The envelope's error code, or ``http_<status>``."""
+    return str(_envelope(response).get("code") or f"http_{response.status_code}")
+
+
+def _reason(response: httpx.Response) -> str:
+    """The envelope's message with the problems it details, or the HTTP reason."""
+    error = _envelope(response)
+    message = str(error.get("message") or response.reason_phrase or "no reason given")
+    details = error.get("details")
+    if isinstance(details, list):
+        problems = [
+            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+            for item in details
+            if isinstance(item, dict) and "loc" in item and "msg" in item
+        ]
+        if problems:
+            message += f" ({'; '.join(problems)})"
+    return message
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    # Some httpx errors (timeouts) carry no message of their own.
+    return str(exc) or type(exc).__name__
+
+
+def _epoch(value: object) -> float | None:
+    """Seconds since the epoch from an ISO 8601 timestamp, or ``None``."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None

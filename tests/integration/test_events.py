@@ -98,6 +98,16 @@ async def test_follow_survives_lost_notifications(runtime: Runtime, job_id: uuid
     assert [e.seq for e in events] == [1, 2, 3]
 
 
+async def test_streams_opened_after_shutdown_began_end_at_once(
+    runtime: Runtime, hub: EventHub, job_id: uuid.UUID
+) -> None:
+    """A follower that starts while the server stops is told to reconnect, not left waiting."""
+    hub.interrupt_streams()
+    with pytest.raises(StreamInterrupted) as interrupted:
+        await asyncio.wait_for(_collect(follow(hub, runtime.sessions, job_id, after=1)), 5)
+    assert interrupted.value.last_seq == 1
+
+
 async def test_large_batches_are_read_from_the_table(
     runtime: Runtime, hub: EventHub, job_id: uuid.UUID
 ) -> None:
@@ -114,14 +124,13 @@ async def test_stopping_interrupts_a_follower_with_its_position(
     runtime: Runtime, hub: EventHub, job_id: uuid.UUID
 ) -> None:
     """On shutdown a follower learns the last sequence number it delivered."""
-    stopping = asyncio.Event()
     seen: list[int] = []
 
     async def consume() -> None:
-        async for event in follow(hub, runtime.sessions, job_id, stopping=stopping):
+        async for event in follow(hub, runtime.sessions, job_id):
             seen.append(event.seq)
             if event.seq == 2:
-                stopping.set()
+                hub.interrupt_streams()
 
     await _append(runtime, job_id, (EventType.TOKEN, {"text": "a"}))
     with pytest.raises(StreamInterrupted) as interrupted:

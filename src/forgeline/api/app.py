@@ -39,11 +39,13 @@ def create_app(
         # shutdown begins, alongside the HTTP side, so the two budgets overlap.
         stop: asyncio.Event = app.state.stopping
         worker = asyncio.create_task(runtime.run_worker(stop)) if with_worker else None
+        interrupter = asyncio.create_task(_interrupt_streams_on(stop, runtime))
         logger.info("forgeline ready", action="start", worker=with_worker, version=__version__)
         try:
             yield
         finally:
             stop.set()
+            await interrupter
             if worker is not None:
                 await worker
             await runtime.close()
@@ -69,3 +71,9 @@ def create_app(
     app.include_router(events.router)
     app.include_router(pipelines.router)
     return app
+
+
+async def _interrupt_streams_on(stop: asyncio.Event, runtime: Runtime) -> None:
+    """When shutdown begins, end every stream with a "reconnect" event."""
+    await stop.wait()
+    runtime.hub.interrupt_streams()

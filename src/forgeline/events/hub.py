@@ -31,6 +31,8 @@ class Subscription:
     def __init__(self, job_id: uuid.UUID, *, max_batches: int = 256) -> None:
         self.job_id = job_id
         self.max_batches = max_batches
+        #: Set when the server is shutting down: the stream should end now.
+        self.interrupted = False
         self._batches: deque[list[Event] | None] = deque()
         self._ready = asyncio.Event()
 
@@ -43,12 +45,22 @@ class Subscription:
         self._batches.append(events)
         self._ready.set()
 
+    def interrupt(self) -> None:
+        """Wake the reader and tell it the server is shutting down."""
+        self.interrupted = True
+        self._ready.set()
+
     async def next(self, timeout_s: float) -> list[Event] | None:
         """The next batch; ``None`` to re-read (also after ``timeout_s`` of silence)."""
-        if not self._batches:
+        if not self._batches and not self.interrupted:
+            # A timer, not wait_for: no task per wait, which adds up over
+            # hundreds of streams each woken many times a second.
             self._ready.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout=timeout_s)
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._ready.set)
+            try:
+                await self._ready.wait()
+            finally:
+                timer.cancel()
         return self._batches.popleft() if self._batches else None
 
 
@@ -62,6 +74,7 @@ class EventHub:
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.notifications = 0
+        self.interrupted = False
 
     @property
     def subscriber_count(self) -> int:
@@ -83,6 +96,8 @@ class EventHub:
     def subscribe(self, job_id: uuid.UUID) -> Iterator[Subscription]:
         """Hear about ``job_id`` for the duration of the ``with`` block."""
         subscription = Subscription(job_id)
+        if self.interrupted:
+            subscription.interrupt()
         self._subscriptions[job_id].add(subscription)
         try:
             yield subscription
@@ -91,6 +106,13 @@ class EventHub:
             subscribers.discard(subscription)
             if not subscribers:
                 del self._subscriptions[job_id]
+
+    def interrupt_streams(self) -> None:
+        """Shutdown: every stream, current or new, ends with its position."""
+        self.interrupted = True
+        for subscribers in self._subscriptions.values():
+            for subscription in subscribers:
+                subscription.interrupt()
 
     def listeners_of(self, job_id: uuid.UUID) -> int:
         """How many streams in this process follow ``job_id``."""

@@ -8,12 +8,11 @@ batches, skipping what was already sent and re-reading on any gap.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncGenerator
 
 from forgeline.db.engine import SessionFactory
-from forgeline.events.hub import EventHub, Subscription
+from forgeline.events.hub import EventHub
 from forgeline.events.log import read_events
 from forgeline.events.models import Event
 
@@ -35,19 +34,20 @@ async def follow(
     job_id: uuid.UUID,
     *,
     after: int = 0,
-    stopping: asyncio.Event | None = None,
     recheck_interval_s: float = 5.0,
 ) -> AsyncGenerator[Event, None]:
     """Yield the job's events with ``seq > after``, ending after the final one.
 
-    Raises :class:`StreamInterrupted` when ``stopping`` is set first.
-    ``recheck_interval_s`` bounds how long a lost notification can delay an
-    event.
+    Raises :class:`StreamInterrupted` once the hub interrupts its streams
+    (shutdown). ``recheck_interval_s`` bounds how long a lost notification
+    can delay an event.
     """
     last = after
     with hub.subscribe(job_id) as subscription:
         batch: list[Event] | None = None  # None: read the table
         while True:
+            if subscription.interrupted:
+                raise StreamInterrupted(last)
             if batch is None or (batch and batch[0].seq > last + 1):
                 batch = await _read_all(sessions, job_id, after=last)
             for event in batch:
@@ -57,24 +57,7 @@ async def follow(
                 yield event
                 if event.is_final:
                     return
-            batch = await _next_batch(subscription, recheck_interval_s, stopping, last)
-
-
-async def _next_batch(
-    subscription: Subscription, timeout_s: float, stopping: asyncio.Event | None, last: int
-) -> list[Event] | None:
-    if stopping is None:
-        return await subscription.next(timeout_s)
-    if stopping.is_set():
-        raise StreamInterrupted(last)
-    batch_task = asyncio.create_task(subscription.next(timeout_s))
-    stop_task = asyncio.create_task(stopping.wait())
-    done, _ = await asyncio.wait({batch_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-    stop_task.cancel()
-    if batch_task in done:
-        return batch_task.result()
-    batch_task.cancel()
-    raise StreamInterrupted(last)
+            batch = await subscription.next(recheck_interval_s)
 
 
 async def _read_all(sessions: SessionFactory, job_id: uuid.UUID, *, after: int) -> list[Event]:

@@ -84,7 +84,6 @@ async def stream_events(
     """Server-sent events: replay after ``Last-Event-ID`` (or ``after``), then live."""
     start = _start_after(last_event_id, after)
     job = await jobs.get(job_id, owner=owner)
-    stopping: asyncio.Event = request.app.state.stopping
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         last = start
@@ -92,7 +91,7 @@ async def stream_events(
         try:
             # aclosing: leave the subscription as soon as the client does.
             async with contextlib.aclosing(
-                follow(runtime.hub, runtime.sessions, job.id, after=start, stopping=stopping)
+                follow(runtime.hub, runtime.sessions, job.id, after=start)
             ) as followed:
                 async for event in followed:
                     last = event.seq
@@ -141,13 +140,12 @@ async def stream_websocket(
         await websocket.close(code=WS_NOT_FOUND, reason="no such job")
         return
     await websocket.accept()
-    stopping: asyncio.Event = websocket.app.state.stopping
     try:
         start = after if after is not None else await _receive_after(websocket)
     except (InvalidInputError, TimeoutError) as exc:
         await websocket.close(code=WS_BAD_REQUEST, reason=str(exc) or 'expected {"after": N}')
         return
-    sender = asyncio.create_task(_send_events(websocket, runtime, job, start, stopping))
+    sender = asyncio.create_task(_send_events(websocket, runtime, job, start))
     # The client may leave while the job is silent: notice it without waiting
     # for the next event.
     listener = asyncio.create_task(_until_disconnect(websocket))
@@ -161,13 +159,11 @@ async def stream_websocket(
         await _cancel_if_abandoned(runtime, job)
 
 
-async def _send_events(
-    websocket: WebSocket, runtime: Runtime, job: Job, start: int, stopping: asyncio.Event
-) -> None:
+async def _send_events(websocket: WebSocket, runtime: Runtime, job: Job, start: int) -> None:
     last = start
     try:
         async with contextlib.aclosing(
-            follow(runtime.hub, runtime.sessions, job.id, after=start, stopping=stopping)
+            follow(runtime.hub, runtime.sessions, job.id, after=start)
         ) as followed:
             async for event in followed:
                 last = event.seq

@@ -272,6 +272,7 @@ def run_all(args: Any, counts: list[int], database_url: str, root: Path) -> list
         "auto_migrate": "false",
         "data_dir": root / "data",
         "storage_url": (root / "artifacts").as_uri(),
+        "backend": "openai",
         "log_level": args.log_level,
         "openai_base_url": model_url,
         "openai_model": MODEL,

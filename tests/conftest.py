@@ -11,6 +11,7 @@ import pytest
 
 from forgeline.runtime import Runtime
 from forgeline.settings import Settings, get_settings
+from tests.support.auth import ADMIN_KEY, SECRET_KEY
 from tests.support.postgres import DatabaseFactory, find_admin_url
 
 #: Timings shrunk so recovery paths run in seconds, still consistent with each other.
@@ -55,9 +56,13 @@ def make_settings(database_url: str, tmp_path: Path) -> Callable[..., Settings]:
             "database_url": database_url,
             "data_dir": tmp_path / "data",
             "storage_url": (tmp_path / "artifacts").as_uri(),
+            # The tests of jobs and pipelines talk to an OpenAI-compatible server.
+            "backend": "openai",
             "openai_base_url": "http://127.0.0.1:9/v1",
             "backend_connect_timeout_s": 0.5,
             "backend_max_retries": 0,
+            "admin_key": ADMIN_KEY,
+            "secret_key": SECRET_KEY,
             **FAST_TIMINGS,
         }
         values.update(overrides)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,6 +75,8 @@ async def _serve_async(settings: Settings, *, with_worker: bool) -> bool:
 
     # Started before listening, so a bad setting is one line and exit 2.
     runtime = await Runtime.start(settings)
+    if runtime.new_admin_key is not None:
+        _show_new_admin_key(settings, runtime.new_admin_key)
     app = create_app(settings, with_worker=with_worker, runtime=runtime)
     config = uvicorn.Config(
         app,
@@ -192,6 +194,100 @@ def migrate() -> None:
         raise _fail(exc.message, _exit_status(exc)) from None
 
 
+def _show_new_admin_key(settings: Settings, token: str) -> None:
+    from forgeline.auth import ADMIN_KEY_FILE
+
+    # Straight to the terminal, never through the logs.
+    err.print(
+        "\n[bold]Your admin API key[/bold] (shown once; also kept in "
+        f"{settings.data_dir / ADMIN_KEY_FILE}, readable by you only):\n\n    {token}\n\n"
+        "Send it as 'Authorization: Bearer <key>'. Make more with `forgeline keys create`.\n",
+        highlight=False,
+    )
+
+
+keys_app = typer.Typer(
+    help="API keys: create, list, revoke. Works on the database directly; no server needed.",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _with_keys(work: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``work(key_service)`` on the configured (or embedded) database."""
+    settings = _settings()
+
+    async def run() -> Any:
+        from forgeline.auth import KeyService, resolve_secret_key
+        from forgeline.db import migrate as migrations
+        from forgeline.db.engine import check_reachable, create_engine, create_session_factory
+        from forgeline.runtime import resolve_database
+
+        engine = create_engine(await resolve_database(settings), pool_size=1)
+        try:
+            await check_reachable(engine)
+            if settings.should_auto_migrate:
+                await migrations.upgrade(engine)
+            elif await migrations.pending_revisions(engine):
+                raise ConfigurationError(
+                    "the database schema is not current: run `forgeline migrate` first"
+                )
+            keys = KeyService(
+                create_session_factory(engine), resolve_secret_key(settings), cache_s=0
+            )
+            return await work(keys)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except ForgelineError as exc:
+        raise _fail(exc.message, _exit_status(exc)) from None
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="What the key is for, e.g. blog-writer.")],
+    admin: Annotated[bool, typer.Option(help="May manage keys through the admin routes.")] = False,
+    quiet: Annotated[bool, typer.Option(help="Print only the key (for scripts).")] = False,
+) -> None:
+    """Make a key. It is printed once; only its hash is stored."""
+    new = _with_keys(lambda keys: keys.create(name, admin=admin))
+    if quiet:
+        print(new.token)
+        return
+    kind = "admin key" if admin else "key"
+    out.print(f"created {kind} {new.key.name!r} ({new.key.prefix}, id {new.key.id})")
+    out.print("it is shown this once; store it now:\n")
+    print(new.token)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every key: prefix, name, role, created, revoked."""
+    keys = _with_keys(lambda keys: keys.list())
+    table = Table("prefix", "name", "role", "created", "revoked", "id", title="API keys")
+    for key in keys:
+        table.add_row(
+            key.prefix,
+            key.name,
+            "admin" if key.admin else "user",
+            f"{key.created_at:%Y-%m-%d %H:%M}",
+            f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "",
+            str(key.id),
+        )
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="The key's prefix (fl_xxxxxxxx) or id.")],
+) -> None:
+    """Revoke a key; running servers refuse it from now on."""
+    revoked = _with_keys(lambda keys: keys.revoke(key))
+    out.print(f"revoked {revoked.prefix} ({revoked.name})")
+
+
 @app.command()
 def doctor() -> None:
     """Show the effective settings (secrets hidden) and check every dependency."""
@@ -260,6 +356,13 @@ def generate(
     max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 512,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.8,
     seed: Annotated[int | None, typer.Option(min=0)] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FORGELINE_API_KEY",
+            help="API key for --url; default: the local admin key in the data directory.",
+        ),
+    ] = None,
 ) -> None:
     """Write a story with the story pipeline, printing it as it is generated."""
     story_input: dict[str, Any] = {
@@ -277,7 +380,7 @@ def generate(
         if url is None:
             asyncio.run(_generate_in_process(settings, story_input, printer))
         else:
-            _generate_remote(url, story_input, printer)
+            _generate_remote(url, key or _local_admin_key(settings), story_input, printer)
     except ForgelineError as exc:
         raise _fail(exc.message) from None
     printer.finish()
@@ -334,10 +437,19 @@ async def _generate_in_process(
         await runtime.close()
 
 
-def _generate_remote(url: str, story_input: dict[str, Any], printer: _StoryPrinter) -> None:
+def _local_admin_key(settings: Settings) -> str | None:
+    from forgeline.auth import ADMIN_KEY_FILE
+
+    path = settings.data_dir / ADMIN_KEY_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _generate_remote(
+    url: str, key: str | None, story_input: dict[str, Any], printer: _StoryPrinter
+) -> None:
     from forgeline.client import ForgelineClient
 
-    client = ForgelineClient(url)
+    client = ForgelineClient(url, api_key=key)
     try:
         job = client.submit("story", story_input)
         for event in client.events(job["id"]):

@@ -30,6 +30,36 @@ class ConfigurationError(ForgelineError):
     code = "configuration_error"
 
 
+class UnauthorizedError(ForgelineError):
+    """No API key, a malformed one, or one that is unknown or revoked."""
+
+    code = "unauthorized"
+
+
+class ForbiddenError(ForgelineError):
+    """A valid key that may not do this (an admin route with a user key)."""
+
+    code = "forbidden"
+
+
+class RateLimitedError(ForgelineError):
+    """Too many requests or jobs, or a quota used up; ``retry_after_s`` says when to retry."""
+
+    code = "rate_limited"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        headers: dict[str, str] | None = None,
+        details: Any = None,
+    ) -> None:
+        super().__init__(message, details=details)
+        self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+
+
 class NotFoundError(ForgelineError):
     """A job, pipeline or artifact does not exist (or is not the caller's)."""
 
@@ -59,6 +89,16 @@ class BackendUnavailableError(BackendError):
 
     code = "backend_unavailable"
     retryable = True
+
+
+class ModelFileError(BackendError):
+    """A local model's weights or tokenizer file is missing or damaged.
+
+    The message names the file, so the fix (reinstall, retrain, point the
+    setting elsewhere) is obvious.
+    """
+
+    code = "model_file_error"
 
 
 class StorageError(ForgelineError):

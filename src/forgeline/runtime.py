@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -16,8 +17,16 @@ from dataclasses import dataclass
 
 import structlog
 from procrastinate import App
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from forgeline.auth import (
+    ADMIN_KEY_FILE,
+    LOCAL_ADMIN_NAME,
+    KeyService,
+    resolve_secret_key,
+    write_private,
+)
 from forgeline.backends.base import Backend
 from forgeline.backends.openai_compat import OpenAICompatibleBackend
 from forgeline.db import migrate
@@ -34,6 +43,7 @@ from forgeline.jobs.queue import QUEUE_NAME, TASK_NAME, RunnerRetryStrategy, cre
 from forgeline.jobs.runner import JobRunner
 from forgeline.jobs.service import JobService
 from forgeline.pipelines.registry import PipelineRegistry, load_pipelines
+from forgeline.ratelimit import IPNetwork, RateLimiter, parse_networks
 from forgeline.settings import Settings
 from forgeline.storage import ObjectStorage, Storage
 
@@ -61,6 +71,29 @@ def build_backends(settings: Settings) -> dict[str, Backend]:
     }
 
 
+async def _bootstrap_keys(settings: Settings, keys: KeyService) -> str | None:
+    """Register ``FORGELINE_ADMIN_KEY``; on a new embedded database, make a local admin key.
+
+    The local key is kept in the data directory (mode 0600) and returned so
+    the command that started forgeline can show it once.
+    """
+    try:
+        if settings.admin_key is not None:
+            await keys.register(
+                settings.admin_key.get_secret_value(), "admin (FORGELINE_ADMIN_KEY)", admin=True
+            )
+        if not settings.embedded_database or await keys.count() > 0:
+            return None
+    except ProgrammingError:
+        raise ConfigurationError(
+            "the database schema is not current: run `forgeline migrate` "
+            "(or set FORGELINE_AUTO_MIGRATE=true)"
+        ) from None
+    new = await keys.create(LOCAL_ADMIN_NAME, admin=True)
+    write_private(settings.data_dir / ADMIN_KEY_FILE, new.token)
+    return new.token
+
+
 async def resolve_database(settings: Settings) -> str:
     """The libpq URL to use, starting the embedded server when none is configured."""
     if settings.database_url is not None:
@@ -82,6 +115,15 @@ class Runtime:
     jobs: JobService
     runner: JobRunner
     hub: EventHub
+    keys: KeyService
+    limiter: RateLimiter
+    #: The local admin key made on this first start of an embedded database, to show once.
+    new_admin_key: str | None = None
+
+    @functools.cached_property
+    def proxies(self) -> list[IPNetwork]:
+        """Trusted proxy networks, whose ``X-Forwarded-For`` is believed."""
+        return parse_networks(self.settings.trusted_proxies)
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -121,9 +163,28 @@ class Runtime:
             pipelines=pipelines,
             max_attempts=settings.max_attempts,
         )
-        hub = EventHub(conninfo)
+        keys = KeyService(sessions, resolve_secret_key(settings), cache_s=settings.key_cache_s)
+        try:
+            new_admin_key = await _bootstrap_keys(settings, keys)
+        except BaseException:
+            await queue_app.close_async()
+            await engine.dispose()
+            raise
+        hub = EventHub(conninfo, on_key_revoked=keys.forget)
         return cls(
-            settings, engine, sessions, queue_app, storage, backends, pipelines, jobs, runner, hub
+            settings,
+            engine,
+            sessions,
+            queue_app,
+            storage,
+            backends,
+            pipelines,
+            jobs,
+            runner,
+            hub,
+            keys,
+            RateLimiter(settings),
+            new_admin_key,
         )
 
     async def close(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
+import limits
 import platformdirs
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -77,6 +78,60 @@ class Settings(BaseSettings):
     # -- HTTP ---------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024, description="Largest request body accepted (413)."
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest a non-streaming request may take (504)."
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins allowed by CORS, comma-separated. '*' is refused in prod.",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Proxy addresses or networks (CIDR), comma-separated, whose "
+        "X-Forwarded-For is believed for the client's IP.",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None, description="If set, /metrics needs 'Authorization: Bearer <token>'."
+    )
+
+    # -- API keys, rate limits, quotas -----------------------------------------
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Key of the keyed hash that stores API keys; the same on every replica. "
+        "Required in prod; elsewhere, a random one is kept in the data directory.",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="An API key accepted as admin, registered at start (for deployments "
+        "that inject their first key as a secret).",
+    )
+    key_cache_s: float = Field(
+        default=10.0, ge=0, description="How long a replica trusts a checked key."
+    )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis for rate limits shared by replicas (redis://host:6379/0). "
+        "Empty: limits are kept in memory, per process.",
+    )
+    rate_limit_per_key: str = Field(
+        default="600/minute", description="Requests per API key (moving window)."
+    )
+    rate_limit_per_ip: str = Field(
+        default="1200/minute", description="Requests per client IP (moving window)."
+    )
+    max_active_jobs_per_key: int = Field(
+        default=32, ge=1, description="Queued plus running jobs one key may have."
+    )
+    max_streams_per_key: int = Field(
+        default=64, ge=1, description="Open event streams of one key, per replica."
+    )
+    max_tokens_per_job: int = Field(default=4096, ge=1)
+    daily_token_quota: int = Field(
+        default=0, ge=0, description="Tokens one key may generate per UTC day; 0: no quota."
+    )
 
     # -- worker -------------------------------------------------------------
     worker_concurrency: int = Field(default=8, ge=1, le=1000)
@@ -98,7 +153,7 @@ class Settings(BaseSettings):
         description="Extra pipelines by import path, comma-separated (pkg.module:Class).",
     )
 
-    @field_validator("pipelines", mode="before")
+    @field_validator("pipelines", "allowed_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split_paths(cls, value: object) -> object:
         if isinstance(value, str):
@@ -126,10 +181,31 @@ class Settings(BaseSettings):
                     f"{ENV_PREFIX}DATABASE_URL: required in prod (the embedded database "
                     "is for development)"
                 )
-            for name in ("database_url", "openai_api_key"):
+            if self.secret_key is None:
+                problems.append(
+                    f"{ENV_PREFIX}SECRET_KEY: required in prod (the same on every replica)"
+                )
+            if "*" in self.allowed_origins:
+                problems.append(f"{ENV_PREFIX}ALLOWED_ORIGINS: '*' is refused in prod")
+            for name in ("database_url", "openai_api_key", "secret_key", "admin_key"):
                 secret = getattr(self, name)
                 if secret is not None and _is_placeholder(secret.get_secret_value(), name):
                     problems.append(f"{ENV_PREFIX}{name.upper()}: holds a placeholder value")
+        for name in ("rate_limit_per_key", "rate_limit_per_ip"):
+            try:
+                limits.parse(getattr(self, name))
+            except ValueError:
+                problems.append(
+                    f"{ENV_PREFIX}{name.upper()}: not a rate like '600/minute': "
+                    f"{getattr(self, name)!r}"
+                )
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                problems.append(
+                    f"{ENV_PREFIX}TRUSTED_PROXIES: not an address or network: {proxy!r}"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST_TIMINGS
+from tests.support.auth import ADMIN_KEY, SECRET_KEY
 from tests.support.openai_server import OpenAIServer
 from tests.support.processes import ForgelineProcess, forgeline_env, free_port, settings_env
 
@@ -46,9 +47,13 @@ def forgeline_environ(database_url: str, tmp_path: Path, openai_server: OpenAISe
             "database_url": database_url,
             "data_dir": tmp_path / "data",
             "storage_url": (tmp_path / "artifacts").as_uri(),
+            # Deterministic stories from the test server, not the built-in model.
+            "backend": "openai",
             "openai_base_url": openai_server.base_url,
             "openai_model": openai_server.model,
             "backend_connect_timeout_s": 1.0,
+            "admin_key": ADMIN_KEY,
+            "secret_key": SECRET_KEY,
             **FAST_TIMINGS,
         }
         values.update(overrides)

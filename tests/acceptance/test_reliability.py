@@ -38,6 +38,7 @@ from forgeline.jobs.models import JobStatus
 from forgeline.runtime import Runtime
 from forgeline.settings import Settings
 from tests.conftest import FAST_TIMINGS
+from tests.support.auth import AUTH
 from tests.support.pipelines import (
     ArtifactInput,
     artifact_body,
@@ -708,7 +709,7 @@ async def test_cancel_of_a_finished_job_is_a_conflict(
         await cluster.runtime.jobs.cancel(job_id, owner=None)
     app = create_app(cluster.settings, runtime=cluster.runtime)
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://forgeline.test"
+        headers=AUTH, transport=httpx.ASGITransport(app=app), base_url="http://forgeline.test"
     ) as client:
         response = await client.post(f"/api/v1/jobs/{job_id}/cancel")
     assert response.status_code == 409

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.acceptance.conftest import ProcessFactory
+from tests.support.auth import AUTH
 from tests.support.openai_server import OpenAIServer
 from tests.support.processes import ForgelineProcess
 
@@ -23,7 +24,7 @@ def wait_for_job(process: ForgelineProcess, job_id: str, timeout_s: float = 20.0
     deadline = time.monotonic() + timeout_s
     job: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        job = httpx.get(f"{process.url}/api/v1/jobs/{job_id}", timeout=5).json()
+        job = httpx.get(f"{process.url}/api/v1/jobs/{job_id}", headers=AUTH, timeout=5).json()
         if job["status"] in FINAL_STATUSES:
             return job
         time.sleep(0.05)
@@ -33,7 +34,10 @@ def wait_for_job(process: ForgelineProcess, job_id: str, timeout_s: float = 20.0
 def submit(process: ForgelineProcess, pipeline: str, job_input: dict[str, Any]) -> dict[str, Any]:
     """Submit a job and return it as the API answered."""
     response = httpx.post(
-        f"{process.url}/api/v1/jobs", json={"pipeline": pipeline, "input": job_input}, timeout=5
+        f"{process.url}/api/v1/jobs",
+        headers=AUTH,
+        json={"pipeline": pipeline, "input": job_input},
+        timeout=5,
     )
     assert response.status_code == 201, response.text
     job: dict[str, Any] = response.json()
@@ -54,7 +58,7 @@ def test_story_job_returns_what_the_model_streamed(
     assert PROMPT in text  # the prompt reached the model server
     [artifact] = job["artifacts"]
     assert artifact["name"] == "story.md"
-    download = httpx.get(f"{serve.url}{artifact['url']}", timeout=5)
+    download = httpx.get(f"{serve.url}{artifact['url']}", headers=AUTH, timeout=5)
     assert download.status_code == 200
     assert download.headers["content-type"].startswith("text/markdown")
     assert download.text == f"# {PROMPT}\n\n{text.strip()}\n"
@@ -71,7 +75,7 @@ def test_probes_and_pipeline_listing(start_forgeline: ProcessFactory) -> None:
     checks = ready.json()["checks"]
     assert set(checks) == {"database", "queue", "storage", "backend:openai"}
     assert all(check["ok"] and check["detail"] for check in checks.values()), checks
-    listing = httpx.get(f"{serve.url}/api/v1/pipelines", timeout=5)
+    listing = httpx.get(f"{serve.url}/api/v1/pipelines", headers=AUTH, timeout=5)
     assert listing.status_code == 200
     pipelines = {item["name"]: item for item in listing.json()["items"]}
     assert {"story", "echo"} <= set(pipelines)
@@ -106,12 +110,14 @@ def test_client_errors_use_the_error_envelope(start_forgeline: ProcessFactory) -
     serve = start_forgeline("serve")
     jobs_url = f"{serve.url}/api/v1/jobs"
 
-    unknown = httpx.post(jobs_url, json={"pipeline": "poem", "input": {}}, timeout=5)
+    unknown = httpx.post(jobs_url, headers=AUTH, json={"pipeline": "poem", "input": {}}, timeout=5)
     invalid = httpx.post(
-        jobs_url, json={"pipeline": "story", "input": {"max_tokens": 0}}, timeout=5
+        jobs_url, headers=AUTH, json={"pipeline": "story", "input": {"max_tokens": 0}}, timeout=5
     )
     malformed = httpx.post(
-        jobs_url, content=b'{"pipeline": ', headers={"content-type": "application/json"}
+        jobs_url,
+        content=b'{"pipeline": ',
+        headers={**AUTH, "content-type": "application/json"},
     )
 
     assert unknown.status_code == 404
@@ -183,7 +189,7 @@ def test_embedded_database_keeps_jobs_across_restarts(
     assert "forgeline stopped" in first.output()
 
     second = start_forgeline("serve", database_url=None, storage_url=None)
-    listed = httpx.get(f"{second.url}/api/v1/jobs", timeout=5).json()["items"]
+    listed = httpx.get(f"{second.url}/api/v1/jobs", headers=AUTH, timeout=5).json()["items"]
 
     assert [item["id"] for item in listed] == [job["id"]]
     assert listed[0]["status"] == "succeeded"

@@ -38,6 +38,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from forgeline.api.routes.events import HEARTBEAT_S
 from tests.acceptance.conftest import ProcessFactory
+from tests.support.auth import AUTH
 from tests.support.openai_server import OpenAIServer
 from tests.support.processes import ForgelineProcess, free_port
 from tests.support.sse import (
@@ -89,7 +90,7 @@ def story_input(pieces: int) -> dict[str, Any]:
 def submit(base_url: str, job_input: dict[str, Any], *, cancel_on_disconnect: bool = False) -> str:
     """Submit a story job; its id."""
     body = {"pipeline": "story", "input": job_input, "cancel_on_disconnect": cancel_on_disconnect}
-    response = httpx.post(f"{base_url}/api/v1/jobs", json=body, timeout=10)
+    response = httpx.post(f"{base_url}/api/v1/jobs", headers=AUTH, json=body, timeout=10)
     assert response.status_code == 201, response.text
     job_id: str = response.json()["id"]
     return job_id
@@ -97,7 +98,7 @@ def submit(base_url: str, job_input: dict[str, Any], *, cancel_on_disconnect: bo
 
 def get_job(base_url: str, job_id: str) -> dict[str, Any]:
     """The job as the API shows it."""
-    response = httpx.get(f"{base_url}/api/v1/jobs/{job_id}", timeout=10)
+    response = httpx.get(f"{base_url}/api/v1/jobs/{job_id}", headers=AUTH, timeout=10)
     assert response.status_code == 200, response.text
     job: dict[str, Any] = response.json()
     return job
@@ -184,7 +185,7 @@ def ws_url(process: ForgelineProcess, job_id: str, after: int | None = None) -> 
 
 def ws_connect(url: str) -> ClientConnection:
     """A WebSocket client connection straight to ``url`` (no proxy from the environment)."""
-    return connect(url, proxy=None, open_timeout=10, close_timeout=2)
+    return connect(url, proxy=None, open_timeout=10, close_timeout=2, additional_headers=AUTH)
 
 
 def ws_events(connection: ClientConnection) -> Iterator[SseEvent]:
@@ -215,7 +216,7 @@ def test_two_hundred_random_reconnects_lose_and_repeat_nothing(
     transcript = Transcript()
     dropped_at: list[dt.datetime] = []
 
-    with httpx.Client(timeout=10) as client:
+    with httpx.Client(headers=AUTH, timeout=10) as client:
         while transcript.final is None:
             assert transcript.connections < 20 * RECONNECTS, "the stream never reached its end"
             transcript.connections += 1
@@ -255,7 +256,7 @@ async def test_a_replica_killed_mid_stream_resumes_on_the_other(
     start_forgeline("worker", wait=False)
     job_id = submit(doomed.url, story_input(pieces))
 
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
 
         async def watch(process: ForgelineProcess) -> Transcript:
             watched = Transcript(connections=1)
@@ -302,7 +303,7 @@ def test_a_worker_killed_mid_stream_restarts_the_story_with_an_attempt_event(
     transcript = Transcript(connections=1)
     killed_at = 0.0
 
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(headers=AUTH, timeout=30) as client:
         for event in read_events(client, events_url(api.url, job_id)):
             transcript.add(event)
             if len(transcript.of_type("token")) == 5 and not killed_at:
@@ -352,7 +353,7 @@ def test_websocket_streams_and_resumes_like_sse(
 
     assert transcript.connections > 4
     assert_whole(transcript, story)
-    with httpx.Client(timeout=10) as client:
+    with httpx.Client(headers=AUTH, timeout=10) as client:
         assert read_to_end(client, serve.url, job_id).events == transcript.events
 
 
@@ -414,7 +415,7 @@ def test_cancel_stops_a_streaming_job_within_a_second_and_keeps_its_tokens(
     transcript = Transcript(connections=1)
     asked_at = ended_at = 0.0
 
-    with httpx.Client(timeout=10) as client:
+    with httpx.Client(headers=AUTH, timeout=10) as client:
         for event in read_events(client, events_url(serve.url, job_id)):
             transcript.add(event)
             if len(transcript.of_type("token")) == 5 and not asked_at:
@@ -457,7 +458,7 @@ def test_cancel_on_disconnect_decides_what_a_client_leaving_does(
     job_id = submit(serve.url, story_input(pieces), cancel_on_disconnect=cancel_on_disconnect)
     transcript = Transcript(connections=1)
 
-    with httpx.Client(timeout=10) as client:
+    with httpx.Client(headers=AUTH, timeout=10) as client:
         for event in read_events(client, events_url(serve.url, job_id)):
             transcript.add(event)
             if len(transcript.of_type("token")) == 3:
@@ -484,7 +485,7 @@ def test_leaving_the_stream_of_a_queued_job_cancels_it(
 
     if transport == "sse":
         with (
-            httpx.Client(timeout=10) as client,
+            httpx.Client(headers=AUTH, timeout=10) as client,
             contextlib.closing(read_events(client, events_url(api.url, job_id))) as events,
         ):
             first = next(events)
@@ -561,7 +562,7 @@ async def test_sigterm_with_fifty_live_streams_drains_and_clients_resume_elsewhe
     followers = [Follower(job_ids[i % STREAM_JOBS]) for i in range(STREAMS)]
     limits = httpx.Limits(max_connections=STREAMS * 3, max_keepalive_connections=STREAMS * 3)
 
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(headers=AUTH, timeout=30, limits=limits) as client:
         readers = [
             asyncio.create_task(follow_until_the_end_or_a_farewell(client, leaving.url, f))
             for f in followers
@@ -740,7 +741,9 @@ def test_a_generation_idle_for_a_minute_stays_connected_through_nginx(
     heartbeats_before_token = 0
 
     connected_at = time.monotonic()
-    with httpx.Client(timeout=httpx.Timeout(10, read=PROXY_READ_TIMEOUT_S + 15)) as client:
+    with httpx.Client(
+        headers=AUTH, timeout=httpx.Timeout(10, read=PROXY_READ_TIMEOUT_S + 15)
+    ) as client:
         for event in read_events(client, events_url(proxy, job_id), parser=parser):
             arrivals.append((time.monotonic() - connected_at, event))
             if event.type == "token":

@@ -15,6 +15,7 @@ import pytest
 from forgeline.api.app import create_app
 from forgeline.runtime import Runtime
 from forgeline.storage import artifact_key
+from tests.support.auth import AUTH
 
 JOBS = "/api/v1/jobs"
 ERROR_ENVELOPE_KEYS = {"code", "message", "details"}
@@ -29,7 +30,9 @@ async def client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the app built on the test's started runtime (no lifespan needed)."""
     app = create_app(runtime.settings, runtime=runtime)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://forgeline.test") as http:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://forgeline.test", headers=AUTH
+    ) as http:
         yield http
 
 

@@ -48,7 +48,12 @@ def configuration_problems(**overrides: Any) -> list[str]:
 
 def prod(**overrides: Any) -> dict[str, Any]:
     """Settings values for a prod deployment that passes every check, plus ``overrides``."""
-    return {"environment": "prod", "database_url": PROD_DATABASE_URL, **overrides}
+    return {
+        "environment": "prod",
+        "database_url": PROD_DATABASE_URL,
+        "secret_key": "k3y-for-hashing-api-keys",
+        **overrides,
+    }
 
 
 # -- defaults ---------------------------------------------------------------
@@ -64,6 +69,8 @@ def test_defaults_describe_a_local_development_setup() -> None:
     assert settings.embedded_database
     assert settings.should_auto_migrate
     assert settings.storage_url is None
+    assert settings.backend == "builtin"
+    assert settings.builtin_model_path is None
     assert settings.openai_base_url == "http://localhost:11434/v1"
     assert settings.openai_api_key is None
     assert settings.host == "127.0.0.1"
@@ -213,6 +220,7 @@ def test_cross_field_problems_are_reported_together_without_pydantic_prefixes() 
         "FORGELINE_STALL_THRESHOLD_S",
         "FORGELINE_OPENAI_API_KEY",
         "FORGELINE_DATABASE_URL",
+        "FORGELINE_SECRET_KEY",
     ]
     assert not any("Value error" in line for line in lines)
 
@@ -276,9 +284,30 @@ def test_local_backend_needs_no_key() -> None:
 
 def test_prod_refuses_the_embedded_database() -> None:
     """Prod without FORGELINE_DATABASE_URL fails, naming the variable."""
-    (line,) = configuration_problems(environment="prod")
+    (line,) = configuration_problems(environment="prod", secret_key="k3y-for-hashing-api-keys")
 
     assert line.startswith("FORGELINE_DATABASE_URL: required in prod")
+
+
+def test_prod_needs_a_secret_key_and_refuses_a_placeholder() -> None:
+    """Prod needs the API key hash's key, a real one; and refuses a CORS wildcard."""
+    missing = configuration_problems(**prod(secret_key=None))
+    placeholder = configuration_problems(**prod(secret_key="changeme"))
+    wildcard = configuration_problems(**prod(allowed_origins="*"))
+
+    assert [line.split(":")[0] for line in missing] == ["FORGELINE_SECRET_KEY"]
+    assert placeholder == ["FORGELINE_SECRET_KEY: holds a placeholder value"]
+    assert [line.split(":")[0] for line in wildcard] == ["FORGELINE_ALLOWED_ORIGINS"]
+
+
+def test_bad_rates_and_proxies_are_named() -> None:
+    """A rate limit or trusted proxy that cannot be parsed is refused, naming the variable."""
+    lines = configuration_problems(rate_limit_per_key="lots", trusted_proxies="10.0.0.0/8,nope")
+
+    assert [line.split(":")[0] for line in lines] == [
+        "FORGELINE_RATE_LIMIT_PER_KEY",
+        "FORGELINE_TRUSTED_PROXIES",
+    ]
 
 
 def test_prod_with_real_secrets_is_accepted() -> None:
@@ -346,3 +375,10 @@ def test_redacted_lists_every_setting_by_variable_name(tmp_path: Path) -> None:
     assert shown["FORGELINE_DATABASE_URL"] == "(unset)"
     assert shown["FORGELINE_PORT"] == "8000"
     assert shown["FORGELINE_STORAGE_URL"] == (tmp_path / "artifacts").resolve().as_uri()
+
+
+def test_transformers_backend_needs_a_model_path() -> None:
+    """FORGELINE_BACKEND=transformers without a model folder fails, naming the variable."""
+    (line,) = configuration_problems(backend="transformers")
+
+    assert line.startswith("FORGELINE_LOCAL_MODEL_PATH:")

@@ -12,7 +12,8 @@ from fastapi import FastAPI
 
 from forgeline import __version__
 from forgeline.api.errors import install_error_handlers
-from forgeline.api.routes import events, health, jobs, pipelines
+from forgeline.api.routes import admin, events, health, jobs, pipelines
+from forgeline.api.routes.events import StreamSlots
 from forgeline.runtime import Runtime
 from forgeline.settings import Settings
 
@@ -62,6 +63,7 @@ def create_app(
     app.state.stopping = asyncio.Event()
     # Fire-and-forget work started by routes, kept referenced until done.
     app.state.background_tasks = set()
+    app.state.streams = StreamSlots(settings.max_streams_per_key)
     if runtime is not None:
         app.state.runtime = runtime
     app.state.started_at = time.monotonic()
@@ -70,6 +72,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(pipelines.router)
+    app.include_router(admin.router)
     return app
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import structlog
@@ -17,6 +18,9 @@ from forgeline import errors
 logger = structlog.get_logger("forgeline.api")
 
 STATUS_BY_ERROR: list[tuple[type[errors.ForgelineError], int]] = [
+    (errors.UnauthorizedError, 401),
+    (errors.ForbiddenError, 403),
+    (errors.RateLimitedError, 429),
     (errors.NotFoundError, 404),
     (errors.ConflictError, 409),
     (errors.InvalidInputError, 422),
@@ -44,6 +48,10 @@ async def _forgeline_error(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unexpected forgeline error", action="error", code=exc.code)
         return error_response(500, "internal_error", "internal error")
     headers = {"Retry-After": "5"} if status == 503 else None
+    if isinstance(exc, errors.UnauthorizedError):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, errors.RateLimitedError):
+        headers = {**exc.headers, "Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
     return error_response(status, exc.code, exc.message, exc.details, headers)
 
 

@@ -14,12 +14,12 @@ import contextlib
 import json
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import structlog
 
-from forgeline.events.log import CHANNEL
+from forgeline.events.log import CHANNEL, REVOKED_CHANNEL
 from forgeline.events.models import Event, EventType
 
 logger = structlog.get_logger("forgeline.events")
@@ -67,8 +67,15 @@ class Subscription:
 class EventHub:
     """Listens on ``forgeline_events`` and wakes the subscribers of each job."""
 
-    def __init__(self, conninfo: str, *, reconnect_delay_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        reconnect_delay_s: float = 1.0,
+        on_key_revoked: Callable[[str], None] | None = None,
+    ) -> None:
         self.conninfo = conninfo
+        self.on_key_revoked = on_key_revoked
         self.reconnect_delay_s = reconnect_delay_s
         self._subscriptions: dict[uuid.UUID, set[Subscription]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
@@ -124,10 +131,15 @@ class EventHub:
                 connection = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
                 async with connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
+                    await connection.execute(f"LISTEN {REVOKED_CHANNEL}")
                     self.connected.set()
                     # Anything may have happened while we were not listening.
                     self._wake_all()
                     async for notification in connection.notifies():
+                        if notification.channel == REVOKED_CHANNEL:
+                            if self.on_key_revoked is not None:
+                                self.on_key_revoked(notification.payload)
+                            continue
                         self.notifications += 1
                         self._dispatch(notification.payload)
             except (psycopg.Error, OSError) as exc:

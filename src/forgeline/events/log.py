@@ -22,6 +22,8 @@ from forgeline.db.tables import JobEventRow, JobRow
 from forgeline.events.models import Event, EventType
 
 CHANNEL = "forgeline_events"
+#: Revoked API key prefixes are announced here, for replicas to forget them.
+REVOKED_CHANNEL = "forgeline_keys"
 #: PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
 MAX_PAYLOAD_BYTES = 7500
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from procrastinate import App
-from sqlalchemy import ColumnElement, Select, func, select, tuple_
+from sqlalchemy import ColumnElement, Select, func, select, text, tuple_
 from sqlalchemy.exc import IntegrityError
 
 from forgeline.db.engine import AsyncSession, SessionFactory
-from forgeline.db.tables import ArtifactRow, JobRow
-from forgeline.errors import ConflictError, InvalidInputError, NotFoundError
+from forgeline.db.tables import ArtifactRow, JobRow, UsageRow
+from forgeline.errors import ConflictError, InvalidInputError, NotFoundError, RateLimitedError
 from forgeline.events.log import append_events, compact_finished, final_event
 from forgeline.events.models import EventType
 from forgeline.jobs import queue
@@ -46,6 +46,61 @@ class Page:
 
     items: Sequence[Job]
     next_cursor: str | None
+
+
+#: Jobs that hold one of their owner's slots.
+ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one owner may have and use; checked when a job is submitted."""
+
+    max_active_jobs: int
+    max_tokens_per_job: int
+    daily_tokens: int = 0  # 0: no daily quota
+
+    def check_input(self, job_input: dict[str, Any]) -> None:
+        """Refuse a job asking for more tokens than one job may generate."""
+        asked = job_input.get("max_tokens")
+        if isinstance(asked, int) and asked > self.max_tokens_per_job:
+            raise InvalidInputError(
+                f"max_tokens {asked} is over this server's cap of {self.max_tokens_per_job} per job"
+            )
+
+    async def enforce(self, session: AsyncSession, owner: str) -> None:
+        """Refuse a job over the owner's limits, in the submitting transaction.
+
+        Submissions of one owner are serialised by an advisory lock, so two
+        concurrent requests cannot both take the last free slot.
+        """
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:owner, 1))"), {"owner": owner}
+        )
+        active = await session.scalar(
+            select(func.count())
+            .select_from(JobRow)
+            .where(JobRow.owner == owner, JobRow.status.in_(ACTIVE_STATUSES))
+        )
+        if int(active or 0) >= self.max_active_jobs:
+            raise RateLimitedError(
+                f"this key already has {active} queued or running jobs (the cap is "
+                f"{self.max_active_jobs}); wait for one to finish",
+                retry_after_s=5,
+            )
+        if self.daily_tokens:
+            midnight = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+            used = await session.scalar(
+                select(func.coalesce(func.sum(UsageRow.completion_tokens), 0)).where(
+                    UsageRow.owner == owner, UsageRow.created_at >= midnight
+                )
+            )
+            if int(used or 0) >= self.daily_tokens:
+                tomorrow = midnight + dt.timedelta(days=1)
+                raise RateLimitedError(
+                    f"this key has used its {self.daily_tokens} tokens for today (UTC)",
+                    retry_after_s=(tomorrow - dt.datetime.now(dt.UTC)).total_seconds(),
+                )
 
 
 class JobService:
@@ -72,13 +127,17 @@ class JobService:
         job_input: Any,
         idempotency_key: str | None = None,
         cancel_on_disconnect: bool = False,
+        quota: Quota | None = None,
     ) -> Submission:
         """Validate, store and queue a job in one transaction.
 
         With an ``idempotency_key``, a repeat of the same request returns the
         first job, and the same key with a different request is a conflict.
+        With a ``quota``, the owner's limits are checked in that transaction.
         """
         normalised = self.pipelines.validate_input(pipeline, job_input)
+        if quota is not None:
+            quota.check_input(normalised)
         request_hash = _request_hash(pipeline, normalised)
         if idempotency_key is not None:
             existing = await self._find_by_key(owner, idempotency_key, request_hash)
@@ -87,6 +146,8 @@ class JobService:
         job_id = uuid.uuid4()
         try:
             async with self.sessions.begin() as session:
+                if quota is not None and owner is not None:
+                    await quota.enforce(session, owner)
                 row = JobRow(
                     id=job_id,
                     pipeline=pipeline,

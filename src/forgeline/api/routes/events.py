@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from forgeline.api.deps import JobsDep, OwnerDep, RuntimeDep, get_owner, get_runtime_ws
+from forgeline.api.deps import JobsDep, KeyDep, RuntimeDep, authenticate_ws, get_runtime_ws
 from forgeline.api.schemas import ErrorEnvelope
-from forgeline.errors import ConflictError, ForgelineError, InvalidInputError
+from forgeline.auth import ApiKey
+from forgeline.errors import ConflictError, ForgelineError, InvalidInputError, RateLimitedError
 from forgeline.events.stream import StreamInterrupted, follow
 from forgeline.jobs.models import Job
 from forgeline.runtime import Runtime
@@ -34,10 +37,39 @@ HEARTBEAT_S = 15.0
 FAREWELL_GRACE_S = 5.0
 #: WebSocket close code for "server restarting, reconnect" (RFC 6455 registry).
 WS_SERVICE_RESTART = 1012
+WS_UNAUTHORIZED = 4401
 WS_NOT_FOUND = 4404
+WS_RATE_LIMITED = 4429
 WS_BAD_REQUEST = 4400
 #: How long a WebSocket client has to send its ``{"after": N}`` message.
 WS_HELLO_TIMEOUT_S = 10.0
+
+
+class StreamSlots:
+    """Open streams per key in this process, capped at ``FORGELINE_MAX_STREAMS_PER_KEY``."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._open: Counter[uuid.UUID] = Counter()
+
+    def check(self, key: ApiKey) -> None:
+        """429 when ``key`` already holds its cap of streams here."""
+        if self._open[key.id] >= self.cap:
+            raise RateLimitedError(
+                f"key {key.prefix} already has {self.cap} open streams on this server",
+                retry_after_s=5,
+            )
+
+    @contextlib.contextmanager
+    def hold(self, key: ApiKey) -> Iterator[None]:
+        """Count one open stream of ``key`` for the ``with`` block."""
+        self._open[key.id] += 1
+        try:
+            yield
+        finally:
+            self._open[key.id] -= 1
+            if not self._open[key.id]:
+                del self._open[key.id]
 
 
 def _start_after(last_event_id: str | None, after: int | None) -> int:
@@ -76,43 +108,46 @@ async def stream_events(
     job_id: str,
     request: Request,
     jobs: JobsDep,
-    owner: OwnerDep,
+    key: KeyDep,
     runtime: RuntimeDep,
     last_event_id: Annotated[str | None, Header(max_length=20)] = None,
     after: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
 ) -> EventSourceResponse:
     """Server-sent events: replay after ``Last-Event-ID`` (or ``after``), then live."""
     start = _start_after(last_event_id, after)
-    job = await jobs.get(job_id, owner=owner)
+    job = await jobs.get(job_id, owner=key.owner)
+    streams: StreamSlots = request.app.state.streams
+    streams.check(key)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         last = start
         finished = False
-        try:
-            # aclosing: leave the subscription as soon as the client does.
-            async with contextlib.aclosing(
-                follow(runtime.hub, runtime.sessions, job.id, after=start)
-            ) as followed:
-                async for event in followed:
-                    last = event.seq
-                    yield ServerSentEvent(
-                        data=json.dumps(event.data), event=event.type.value, id=str(event.seq)
-                    )
-            finished = True
-        except StreamInterrupted:
-            finished = True
-            yield ServerSentEvent(
-                data=json.dumps({"after": last, "reason": "server shutting down"}),
-                event="reconnect",
-                retry=1000,
-            )
-        finally:
-            if not finished and job.cancel_on_disconnect:
-                # Not awaited here: the generator is being closed or cancelled.
-                tasks: set[asyncio.Task[None]] = request.app.state.background_tasks
-                task = asyncio.create_task(_cancel_if_abandoned(runtime, job))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+        with streams.hold(key):
+            try:
+                # aclosing: leave the subscription as soon as the client does.
+                async with contextlib.aclosing(
+                    follow(runtime.hub, runtime.sessions, job.id, after=start)
+                ) as followed:
+                    async for event in followed:
+                        last = event.seq
+                        yield ServerSentEvent(
+                            data=json.dumps(event.data), event=event.type.value, id=str(event.seq)
+                        )
+                finished = True
+            except StreamInterrupted:
+                finished = True
+                yield ServerSentEvent(
+                    data=json.dumps({"after": last, "reason": "server shutting down"}),
+                    event="reconnect",
+                    retry=1000,
+                )
+            finally:
+                if not finished and job.cancel_on_disconnect:
+                    # Not awaited here: the generator is being closed or cancelled.
+                    tasks: set[asyncio.Task[None]] = request.app.state.background_tasks
+                    task = asyncio.create_task(_cancel_if_abandoned(runtime, job))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
 
     return EventSourceResponse(
         events(),
@@ -135,9 +170,23 @@ async def stream_websocket(
     """
     runtime = get_runtime_ws(websocket)
     try:
-        job = await runtime.jobs.get(job_id, owner=get_owner())
+        key = await authenticate_ws(websocket)
+    except RateLimitedError as exc:
+        await websocket.close(code=WS_RATE_LIMITED, reason=exc.message[:120])
+        return
+    except ForgelineError as exc:
+        await websocket.close(code=WS_UNAUTHORIZED, reason=exc.message[:120])
+        return
+    try:
+        job = await runtime.jobs.get(job_id, owner=key.owner)
     except ForgelineError:
         await websocket.close(code=WS_NOT_FOUND, reason="no such job")
+        return
+    streams: StreamSlots = websocket.app.state.streams
+    try:
+        streams.check(key)
+    except RateLimitedError as exc:
+        await websocket.close(code=WS_RATE_LIMITED, reason=exc.message[:120])
         return
     await websocket.accept()
     try:
@@ -145,6 +194,11 @@ async def stream_websocket(
     except (InvalidInputError, TimeoutError) as exc:
         await websocket.close(code=WS_BAD_REQUEST, reason=str(exc) or 'expected {"after": N}')
         return
+    with streams.hold(key):
+        await _run_websocket(websocket, runtime, job, start)
+
+
+async def _run_websocket(websocket: WebSocket, runtime: Runtime, job: Job, start: int) -> None:
     sender = asyncio.create_task(_send_events(websocket, runtime, job, start))
     # The client may leave while the job is silent: notice it without waiting
     # for the next event.

@@ -8,14 +8,15 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import StreamingResponse
 
-from forgeline.api.deps import JobsDep, OwnerDep, RuntimeDep
+from forgeline.api.deps import JobsDep, OwnerDep, RuntimeDep, SettingsDep
 from forgeline.api.schemas import ErrorEnvelope, JobCreate, JobOut, JobPage
 from forgeline.jobs.models import JobStatus
-from forgeline.jobs.service import MAX_PAGE_SIZE
+from forgeline.jobs.service import MAX_PAGE_SIZE, Quota
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
 ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorEnvelope, "description": "Missing or invalid API key."},
     404: {"model": ErrorEnvelope, "description": "No such job (or not yours)."},
     422: {"model": ErrorEnvelope, "description": "Invalid request."},
 }
@@ -29,6 +30,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
         200: {"model": JobOut, "description": "Same Idempotency-Key and body: the first job."},
         400: {"model": ErrorEnvelope, "description": "Malformed JSON."},
         409: {"model": ErrorEnvelope, "description": "Idempotency-Key reused with another body."},
+        429: {"model": ErrorEnvelope, "description": "Over a rate limit, job cap or quota."},
         **ERRORS,
     },
 )
@@ -36,6 +38,7 @@ async def create_job(
     body: JobCreate,
     jobs: JobsDep,
     owner: OwnerDep,
+    settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
@@ -46,6 +49,11 @@ async def create_job(
         job_input=body.input,
         idempotency_key=idempotency_key,
         cancel_on_disconnect=body.cancel_on_disconnect,
+        quota=Quota(
+            max_active_jobs=settings.max_active_jobs_per_key,
+            max_tokens_per_job=settings.max_tokens_per_job,
+            daily_tokens=settings.daily_token_quota,
+        ),
     )
     if not submission.created:
         response.status_code = status.HTTP_200_OK

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from forgeline.api.deps import RuntimeDep
+from forgeline.api.deps import RuntimeDep, authenticate
 from forgeline.api.schemas import PipelineList, PipelineOut
 
 router = APIRouter(prefix="/api/v1/pipelines", tags=["pipelines"])
 
 
-@router.get("", response_model=PipelineList)
+@router.get("", response_model=PipelineList, dependencies=[Depends(authenticate)])
 async def list_pipelines(runtime: RuntimeDep) -> PipelineList:
     """Every pipeline, with the JSON schema its ``input`` must match."""
     return PipelineList(

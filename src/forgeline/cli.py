@@ -467,7 +467,9 @@ def bench(
     key: Annotated[
         str | None,
         typer.Option(
-            envvar="FORGELINE_BENCH_KEY", help="API key, sent as 'Authorization: Bearer KEY'."
+            envvar="FORGELINE_API_KEY",
+            help="API key for --url; default: the local admin key in the data directory. "
+            "In-process runs make their own.",
         ),
     ] = None,
     pipeline: Annotated[str, typer.Option(help="The pipeline every job runs.")] = "story",
@@ -503,6 +505,8 @@ def bench(
     """
     from forgeline.benchmark.command import BenchOptions, run_bench
 
+    if url is not None and key is None:
+        key = _local_admin_key(_settings())
     options = BenchOptions(
         url=url,
         api_key=key,

@@ -56,7 +56,34 @@ COMPACTION_INTERVAL_S = 300.0
 
 
 def build_backends(settings: Settings) -> dict[str, Backend]:
-    """The configured model backends, by name."""
+    """The configured model backend, by name.
+
+    Only the one ``FORGELINE_BACKEND`` names is built: the others may need
+    packages (torch) or servers this deployment does not have. Local models
+    load on first use, not here, so starting stays quick.
+    """
+    if settings.backend == "builtin":
+        from forgeline.backends.builtin import BuiltinBackend
+
+        return {
+            "builtin": BuiltinBackend(
+                model_dir=settings.builtin_model_path,
+                max_concurrency=settings.builtin_max_concurrency,
+            )
+        }
+    if settings.backend == "transformers":
+        # Imports transformers and torch only when asked for (the [local] extra).
+        from forgeline.backends.transformers_local import TransformersBackend
+
+        if settings.local_model_path is None:  # the settings check refuses this already
+            raise ConfigurationError("FORGELINE_LOCAL_MODEL_PATH: required")
+        return {
+            "transformers": TransformersBackend(
+                model_path=settings.local_model_path,
+                device=settings.local_device,
+                max_concurrency=settings.local_max_concurrency,
+            )
+        }
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     return {
         "openai": OpenAICompatibleBackend(

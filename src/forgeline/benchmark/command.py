@@ -131,7 +131,7 @@ async def _run(
     settings: Settings | None,
     err: Console,
 ) -> tuple[BenchRun, dict[str, Any]]:
-    def plan(url: str) -> BenchPlan:
+    def plan(url: str, api_key: str | None) -> BenchPlan:
         return BenchPlan(
             base_url=url,
             pipeline=options.pipeline,
@@ -139,23 +139,27 @@ async def _run(
             jobs=options.jobs,
             concurrency=options.concurrency,
             ramp_s=options.ramp_s,
-            api_key=options.api_key,
+            api_key=api_key,
             job_timeout_s=options.job_timeout_s,
         )
 
     if options.url is not None:
         target = {"url": options.url, "in_process": False, "description": options.url}
-        with _ProgressBar(err, options) as bar:
-            run = await Benchmark(plan(options.url), on_job_done=bar.job_done).run()
-        return run, target
+        return await _run_against(plan(options.url, options.api_key), options, err), target
     if settings is None:
         raise BenchmarkError("an in-process run needs settings")
     description = _describe_in_process(settings)
     err.print(f"starting forgeline in-process: {description}", highlight=False)
-    async with serve_in_process(settings) as url:
+    async with serve_in_process(settings) as local:
+        run = await _run_against(plan(local.url, local.api_key), options, err)
+    return run, {"url": local.url, "in_process": True, "description": f"in-process: {description}"}
+
+
+async def _run_against(plan: BenchPlan, options: BenchOptions, err: Console) -> BenchRun:
+    # The bar appears once the server has been checked: an error stands alone.
+    async with Benchmark(plan) as benchmark:
         with _ProgressBar(err, options) as bar:
-            run = await Benchmark(plan(url), on_job_done=bar.job_done).run()
-    return run, {"url": url, "in_process": True, "description": f"in-process: {description}"}
+            return await benchmark.run(on_job_done=bar.job_done)
 
 
 def _describe_in_process(settings: Settings) -> str:
@@ -185,6 +189,10 @@ class _ProgressBar:
             TextColumn("[green]{task.fields[ok]} ok[/green] [red]{task.fields[failed]} failed"),
             TimeElapsedColumn(),
             console=console,
+            # Gone once the run ends: the report follows, or an error stands alone.
+            transient=True,
+            # A bar is for people watching; a CI log gets the report alone.
+            disable=not console.is_terminal,
         )
         label = f"{options.pipeline} x{options.jobs} at concurrency {options.concurrency}"
         self._task: TaskID = self._progress.add_task(label, total=options.jobs, ok=0, failed=0)

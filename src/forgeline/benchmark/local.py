@@ -12,15 +12,19 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import uvicorn
 
 from forgeline.benchmark import BenchmarkError
+from forgeline.errors import ForgelineError
 from forgeline.settings import Settings
 
 #: How long the in-process server may take to accept connections once its runtime is up.
 START_TIMEOUT_S = 30.0
 START_POLL_S = 0.05
+#: Name of the API key each in-process run makes for itself (and revokes).
+BENCH_KEY_NAME = "forgeline bench (in-process)"
 
 
 class _Server(uvicorn.Server):
@@ -31,18 +35,32 @@ class _Server(uvicorn.Server):
         yield
 
 
+@dataclass(frozen=True)
+class LocalServer:
+    """Where the in-process forgeline listens, and the API key made for this run."""
+
+    url: str
+    api_key: str
+
+
 @contextlib.asynccontextmanager
-async def serve_in_process(settings: Settings) -> AsyncIterator[str]:
-    """Run the API and a worker on ``127.0.0.1`` at a free port; yield its base URL.
+async def serve_in_process(settings: Settings) -> AsyncIterator[LocalServer]:
+    """Run the API and a worker on ``127.0.0.1`` at a free port, with a key for this run.
 
     Start-up errors (a bad setting, an unreachable database) are raised as
-    forgeline errors before anything listens. On exit the server stops the
+    forgeline errors before anything listens. The key is an ordinary
+    (non-admin) key, revoked when the run ends. On exit the server stops the
     way ``forgeline serve`` does: streams end, the worker drains.
     """
     from forgeline.api.app import create_app
     from forgeline.runtime import Runtime
 
     runtime = await Runtime.start(settings)
+    try:
+        bench_key = await runtime.keys.create(BENCH_KEY_NAME)
+    except BaseException:
+        await runtime.close()
+        raise
     app = create_app(settings, with_worker=True, runtime=runtime)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
@@ -53,8 +71,10 @@ async def serve_in_process(settings: Settings) -> AsyncIterator[str]:
     serving = asyncio.create_task(server.serve(sockets=[listener]), name="bench-server")
     try:
         await _wait_started(server, serving)
-        yield f"http://127.0.0.1:{port}"
+        yield LocalServer(f"http://127.0.0.1:{port}", bench_key.token)
     finally:
+        with contextlib.suppress(ForgelineError):
+            await runtime.keys.revoke(str(bench_key.key.id))
         server.should_exit = True
         with contextlib.suppress(SystemExit):
             await serving

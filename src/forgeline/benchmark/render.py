@@ -97,7 +97,7 @@ def _verdicts_table(verdicts: Sequence[Verdict]) -> Table:
             figure.show(verdict.limit),
             figure.show(verdict.actual),
             result,
-            verdict.message,
+            "" if verdict.passed else verdict.message,
         )
     return table
 

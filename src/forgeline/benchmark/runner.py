@@ -187,13 +187,9 @@ class Benchmark:
     as that job's outcome.
     """
 
-    def __init__(self, plan: BenchPlan, *, on_job_done: JobDone | None = None) -> None:
+    def __init__(self, plan: BenchPlan) -> None:
         self.plan = plan
         self.base_url = plan.base_url.rstrip("/")
-        self._on_job_done = on_job_done
-
-    async def run(self) -> BenchRun:
-        """Check the server, run every job, return the samples in submit order."""
         try:
             parts = urlsplit(self.base_url)
             usable = parts.scheme in {"http", "https"} and bool(parts.hostname)
@@ -201,17 +197,33 @@ class Benchmark:
             usable = False
         if not usable:
             raise BenchmarkError(f"--url must be an http:// or https:// URL, not {self.base_url!r}")
-        headers = {"Authorization": f"Bearer {self.plan.api_key}"} if self.plan.api_key else {}
+        headers = {"Authorization": f"Bearer {plan.api_key}"} if plan.api_key else {}
         # A submit and a stream per job in flight, and a few to spare.
-        connections = 2 * self.plan.concurrency + 4
-        async with httpx.AsyncClient(
+        connections = 2 * plan.concurrency + 4
+        self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        ) as http:
-            await self._preflight(http)
-            return await self._run_jobs(http)
+        )
+        self._on_job_done: JobDone | None = None
+
+    async def __aenter__(self) -> Benchmark:
+        """Check the server once (URL, key, pipeline) before any job is sent."""
+        try:
+            await self._preflight(self._http)
+        except BaseException:
+            await self._http.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._http.aclose()
+
+    async def run(self, *, on_job_done: JobDone | None = None) -> BenchRun:
+        """Run every job; return the samples in submit order."""
+        self._on_job_done = on_job_done
+        return await self._run_jobs(self._http)
 
     async def _run_jobs(self, http: httpx.AsyncClient) -> BenchRun:
         plan = self.plan

@@ -19,6 +19,7 @@ from forgeline import __version__
 from forgeline.errors import ConfigurationError, DatabaseUnavailableError, ForgelineError
 from forgeline.logs import configure_logging
 from forgeline.settings import Settings, get_settings
+from forgeline.training.command import train as train_command
 
 app = typer.Typer(
     name="forgeline",
@@ -529,6 +530,10 @@ def bench(
     except ForgelineError as exc:
         raise _fail(exc.message, 2) from None
     raise typer.Exit(status)
+
+
+# Lives beside the training code, which imports torch only when it runs.
+app.command(name="train")(train_command)
 
 
 def main() -> None:

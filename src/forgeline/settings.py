@@ -66,7 +66,24 @@ class Settings(BaseSettings):
     )
 
     # -- model backend ------------------------------------------------------
-    backend: Literal["openai"] = "openai"
+    backend: Literal["builtin", "openai", "transformers"] = Field(
+        default="builtin",
+        description="builtin: the small model shipped with forgeline (no setup); openai: any "
+        "OpenAI-compatible server; transformers: a Hugging Face model folder on disk.",
+    )
+    builtin_model_path: Path | None = Field(
+        default=None,
+        description="Folder with model.safetensors and tokenizer.json from `forgeline train`. "
+        "Empty: the model shipped with forgeline.",
+    )
+    builtin_max_concurrency: int = Field(
+        default=2, ge=1, le=256, description="Built-in model generations computing at once."
+    )
+    local_model_path: Path | None = Field(
+        default=None, description="Causal language model folder for the transformers backend."
+    )
+    local_device: Literal["auto", "cpu", "cuda"] = "auto"
+    local_max_concurrency: int = Field(default=4, ge=1, le=256)
     openai_base_url: str = "http://localhost:11434/v1"
     openai_api_key: SecretStr | None = None
     openai_model: str = "llama3.2"
@@ -169,6 +186,10 @@ class Settings(BaseSettings):
             problems.append(
                 f"{ENV_PREFIX}STALL_THRESHOLD_S: must exceed drain timeout plus two "
                 f"heartbeats ({self.drain_timeout_s + 2 * self.heartbeat_interval_s:g} s)"
+            )
+        if self.backend == "transformers" and self.local_model_path is None:
+            problems.append(
+                f"{ENV_PREFIX}LOCAL_MODEL_PATH: required by {ENV_PREFIX}BACKEND=transformers"
             )
         host = urlsplit(self.openai_base_url).hostname or ""
         if not host:

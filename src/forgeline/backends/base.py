@@ -17,6 +17,10 @@ class GenerationRequest:
     temperature: float = 0.8
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    #: Sample only among this many likeliest tokens (None: backend default).
+    top_k: int | None = None
+    #: Sample only among the likeliest tokens making up this probability (None: all).
+    top_p: float | None = None
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,9 @@ class OpenAICompatibleBackend(Backend):
                         temperature=request.temperature,
                         seed=request.seed,
                         stop=list(request.stop) or None,
+                        top_p=openai.NOT_GIVEN if request.top_p is None else request.top_p,
+                        # top_k is not in OpenAI's API; vLLM and Ollama read it here.
+                        extra_body={"top_k": request.top_k} if request.top_k else None,
                     )
                 )
             except openai.OpenAIError as exc:

@@ -77,7 +77,11 @@ class Settings(BaseSettings):
         "Empty: the model shipped with forgeline.",
     )
     builtin_max_concurrency: int = Field(
-        default=2, ge=1, le=256, description="Built-in model generations computing at once."
+        default=8,
+        ge=1,
+        le=256,
+        description="Built-in model generations computing at once (one thread each); more "
+        "than the cores share them, which keeps every job's first token quick.",
     )
     local_model_path: Path | None = Field(
         default=None, description="Causal language model folder for the transformers backend."

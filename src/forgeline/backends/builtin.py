@@ -95,7 +95,7 @@ class BuiltinBackend(Backend):
         self,
         *,
         model_dir: Path | None = None,
-        max_concurrency: int = 2,
+        max_concurrency: int = 8,
         default_top_k: int | None = DEFAULT_TOP_K,
         name: str = "builtin",
     ) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from forgeline.lm.generate import Generation, Sampling
@@ -50,6 +51,38 @@ def write_samples(model_dir: Path) -> list[Sample]:
     return samples
 
 
+def write_card(
+    out_dir: Path,
+    texts: list[str],
+    report: TrainReport,
+    provenance: Provenance | None,
+    *,
+    command: str,
+    notes: str = "",
+) -> Path:
+    """Write ``MODEL_CARD.md`` (and the corpus provenance) beside a trained model."""
+    from forgeline.lm.tokenizer import Tokenizer
+    from forgeline.training.train import TOKENIZER_FILE, WEIGHTS_FILE
+
+    tokenizer = Tokenizer.load(out_dir / TOKENIZER_FILE)
+    chars = sum(len(text) for text in texts)
+    tokens = sum(len(tokenizer.encode(text)) for text in texts)
+    card = render_card(
+        report,
+        provenance,
+        write_samples(out_dir),
+        weights_bytes=(out_dir / WEIGHTS_FILE).stat().st_size,
+        chars_per_token=chars / tokens,
+        command=command,
+        notes=notes,
+    )
+    path = out_dir / CARD_FILE
+    path.write_text(card, encoding="utf-8")
+    if provenance is not None:
+        (out_dir / "provenance.json").write_text(json.dumps(asdict(provenance), indent=2) + "\n")
+    return path
+
+
 def render_card(
     report: TrainReport,
     provenance: Provenance | None,
@@ -58,6 +91,7 @@ def render_card(
     weights_bytes: int,
     chars_per_token: float,
     command: str,
+    notes: str = "",
 ) -> str:
     """The Markdown model card."""
     o = report.options
@@ -71,8 +105,9 @@ def render_card(
     else:
         corpus = "Text files given on the command line (see the training command below)."
     bits_per_char = report.best_heldout_loss / math.log(2) / chars_per_token
+    title = "The built-in story model" if provenance is not None else "A forgeline model"
     lines = [
-        "# The built-in story model",
+        f"# {title}",
         "",
         "A small demonstration model that lets forgeline generate text on a fresh machine, "
         "with no model server and no download. It writes prose in the manner of its corpus "
@@ -107,6 +142,7 @@ def render_card(
         f"- AdamW, peak learning rate {o['learning_rate']}, warm-up then cosine decay, "
         f"weight decay {o['weight_decay']}, seed {o['seed']}.",
         f"- Command: `{command}`",
+        *([f"- {notes}"] if notes else []),
         "",
         "## Evaluation",
         "",
@@ -134,13 +170,17 @@ def render_card(
             *(f"> {line}" if line else ">" for line in sample.text.splitlines()),
             "",
         ]
+    limitations = (
+        "Trained for minutes on about four megabytes of early-nineteenth-century novels: "
+        "expect period vocabulary, invented names, and sentences that drift. It knows nothing "
+        "after 1818 and nothing outside its corpus."
+        if provenance is not None
+        else "A small model trained briefly: it imitates its corpus and knows nothing else."
+    )
     lines += [
         "## Limitations",
         "",
-        "Trained in minutes on a CPU on about four megabytes of early-nineteenth-century "
-        "novels: expect period vocabulary, invented names, and sentences that drift. It knows "
-        "nothing after 1818 and nothing outside its corpus. Not for any use where the content "
-        "matters.",
+        f"{limitations} Not for any use where the content matters.",
         "",
     ]
     return "\n".join(lines)

@@ -6,7 +6,6 @@ Imports torch only when run, so the rest of the CLI works without the
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import tempfile
@@ -49,9 +48,9 @@ def train(
 ) -> None:
     """Train a small language model and export it for the built-in backend."""
     try:
-        from forgeline.training.card import CARD_FILE, render_card, write_samples
+        from forgeline.training.card import write_card
         from forgeline.training.corpus import fetch_austen, read_corpus
-        from forgeline.training.train import WEIGHTS_FILE, TrainOptions
+        from forgeline.training.train import TrainOptions
         from forgeline.training.train import train as run_training
     except ImportError as exc:
         typer.echo(f"error: forgeline train needs the [train] extra (torch): {exc}", err=True)
@@ -62,10 +61,10 @@ def train(
     if files:
         texts = read_corpus(files)
     else:
-        corpus_dir = Path(tempfile.mkdtemp(prefix="forgeline-corpus-"))
-        typer.echo(f"fetching the corpus into {corpus_dir}")
-        paths, provenance = fetch_austen(corpus_dir)
-        texts = read_corpus(paths)
+        typer.echo("fetching the corpus (Debian package r-cran-janeaustenr)")
+        with tempfile.TemporaryDirectory(prefix="forgeline-corpus-") as corpus_dir:
+            paths, provenance = fetch_austen(Path(corpus_dir))
+            texts = read_corpus(paths)
     tokenizer = None
     if init_from is not None:
         # Fine-tuning keeps the tokenizer the weights were trained with.
@@ -88,20 +87,8 @@ def train(
         init_from=init_from,
     )
     report = run_training(texts, out, options, log=typer.echo, tokenizer=tokenizer)
-    used = Tokenizer.load(out / "tokenizer.json")
-    chars = sum(len(t) for t in texts)
-    tokens = sum(len(used.encode(t)) for t in texts)
-    card = render_card(
-        report,
-        provenance,
-        write_samples(out),
-        weights_bytes=(out / WEIGHTS_FILE).stat().st_size,
-        chars_per_token=chars / tokens,
-        command=" ".join(["forgeline", *map(shlex.quote, sys.argv[1:])]),
-    )
-    (out / CARD_FILE).write_text(card, encoding="utf-8")
-    if provenance is not None:
-        (out / "provenance.json").write_text(json.dumps(provenance.__dict__, indent=2) + "\n")
+    command = " ".join(["forgeline", *map(shlex.quote, sys.argv[1:])])
+    write_card(out, texts, report, provenance, command=command)
     typer.echo(
         f"held-out loss {report.best_heldout_loss:.3f} (perplexity {report.perplexity:.1f}) "
         f"after {report.steps} steps; model in {out}"

@@ -233,7 +233,12 @@ def test_cloud_run_services_fit_the_ten_second_grace_period() -> None:
 
 def test_shell_scripts_pass_shellcheck() -> None:
     """shellcheck over the deploy script and the install scripts."""
-    files = [DEPLOY / "cloudrun" / "deploy.sh", repo_path("scripts", "deploy-deps")]
+    files = [
+        DEPLOY / "cloudrun" / "deploy.sh",
+        *sorted((DEPLOY / "backup").glob("*.sh")),
+        repo_path("scripts", "deploy-deps"),
+    ]
+    assert len(files) >= 4
     run(tool("shellcheck"), *files)
 
 

@@ -109,7 +109,9 @@ def hardware_description(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} CPU threads (torch {torch.__version__})"
+    threads = torch.get_num_threads()
+    plural = "s" if threads != 1 else ""
+    return f"{cpu}, {threads} CPU thread{plural} (torch {torch.__version__})"
 
 
 def train(

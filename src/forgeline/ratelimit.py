@@ -22,6 +22,7 @@ from limits.aio.storage import Storage as AsyncStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
+from forgeline import metrics
 from forgeline.errors import ConfigurationError
 from forgeline.settings import Settings
 
@@ -66,7 +67,6 @@ class RateLimiter:
             raise ConfigurationError(f"FORGELINE_REDIS_URL: unsupported: {uri.split(':')[0]}")
         self.storage = storage
         self._limiter = MovingWindowRateLimiter(storage)
-        self.rejections = 0
 
     async def hit(self, rate: limits.RateLimitItem, scope: str, who: str) -> Verdict:
         """Count one request of ``who`` against ``rate``."""
@@ -77,7 +77,7 @@ class RateLimiter:
             logger.warning("rate limiter unavailable", action="ratelimit_down", error=str(exc))
             return Verdict(True, rate.amount, rate.amount, 0.0)
         if not allowed:
-            self.rejections += 1
+            metrics.RATELIMIT_REJECTIONS.inc()
         return Verdict(allowed, rate.amount, stats.remaining, stats.reset_time - time.time())
 
     async def check(self) -> str:

@@ -42,6 +42,7 @@ from forgeline.events.hub import EventHub
 from forgeline.jobs.queue import QUEUE_NAME, TASK_NAME, RunnerRetryStrategy, create_queue_app
 from forgeline.jobs.runner import JobRunner
 from forgeline.jobs.service import JobService
+from forgeline.metrics import MeteredBackend
 from forgeline.pipelines.registry import PipelineRegistry, load_pipelines
 from forgeline.ratelimit import IPNetwork, RateLimiter, parse_networks
 from forgeline.settings import Settings
@@ -170,7 +171,9 @@ class Runtime:
             await engine.dispose()
             raise
         sessions = create_session_factory(engine)
-        backends = build_backends(settings)
+        backends = {
+            name: MeteredBackend(backend) for name, backend in build_backends(settings).items()
+        }
         if settings.backend not in backends:
             raise ConfigurationError(f"FORGELINE_BACKEND: unknown backend {settings.backend!r}")
         runner = JobRunner(

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 
 import structlog
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from forgeline import __version__
 from forgeline.api.errors import install_error_handlers
+from forgeline.api.middleware import HttpMiddleware, JsonGZipMiddleware
 from forgeline.api.routes import admin, events, health, jobs, pipelines
 from forgeline.api.routes.events import StreamSlots
 from forgeline.runtime import Runtime
@@ -68,6 +70,23 @@ def create_app(
         app.state.runtime = runtime
     app.state.started_at = time.monotonic()
     install_error_handlers(app)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID",
+                           "X-Request-ID"],
+            expose_headers=["Location", "Retry-After", "RateLimit-Limit", "RateLimit-Remaining",
+                            "RateLimit-Reset", "X-Request-ID"],
+            max_age=600,
+        )  # fmt: skip
+    app.add_middleware(JsonGZipMiddleware, minimum_size=1024)
+    app.add_middleware(
+        HttpMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        request_timeout_s=settings.request_timeout_s,
+    )
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(events.router)

@@ -11,6 +11,7 @@ instead of looping.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from procrastinate.job_context import AbortReason, JobContext
 from sqlalchemy import func, update
 from sqlalchemy.dialects.postgresql import insert
 
+from forgeline import metrics
 from forgeline.backends.base import Backend
 from forgeline.db.engine import SessionFactory
 from forgeline.db.tables import ArtifactRow, JobRow, UsageRow
@@ -221,9 +223,17 @@ class JobRunner:
     ) -> None:
         async with self.sessions.begin() as session:
             statement = _final_update(job_id, status, result=result, error=error)
-            won = (await session.execute(statement.returning(JobRow.owner))).first()
+            won = (
+                await session.execute(
+                    statement.returning(JobRow.owner, JobRow.pipeline, JobRow.started_at)
+                )
+            ).first()
             if won is None:
                 return  # another delivery of this job finished first
+            metrics.JOBS_FINISHED.labels(won.pipeline, status.value).inc()
+            if won.started_at is not None:
+                elapsed = dt.datetime.now(dt.UTC) - won.started_at
+                metrics.JOB_DURATION.labels(won.pipeline).observe(elapsed.total_seconds())
             await append_events(session, job_id, [final_event(status, result=result, error=error)])
             if usage is not None and status is JobStatus.SUCCEEDED:
                 await session.execute(

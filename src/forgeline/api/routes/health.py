@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from forgeline import __version__
+from forgeline import __version__, metrics
 from forgeline.api.deps import RuntimeDep
 from forgeline.api.schemas import CheckOut, ReadinessOut
+from forgeline.errors import UnauthorizedError
 from forgeline.health import run_checks
 
 router = APIRouter(tags=["health"])
@@ -39,3 +42,15 @@ async def readyz(request: Request, runtime: RuntimeDep) -> JSONResponse:
         },
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
+async def prometheus_metrics(request: Request, runtime: RuntimeDep) -> Response:
+    """Prometheus metrics; with ``FORGELINE_METRICS_TOKEN`` set, only for its bearer."""
+    token = runtime.settings.metrics_token
+    if token is not None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = token.get_secret_value()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), expected):
+            raise UnauthorizedError("/metrics needs 'Authorization: Bearer <metrics token>'")
+    return Response(await metrics.render(runtime), media_type=CONTENT_TYPE_LATEST)

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import StreamingResponse
 
+from forgeline import metrics
 from forgeline.api.deps import JobsDep, OwnerDep, RuntimeDep, SettingsDep
 from forgeline.api.schemas import ErrorEnvelope, JobCreate, JobOut, JobPage
 from forgeline.jobs.models import JobStatus
@@ -55,7 +56,9 @@ async def create_job(
             daily_tokens=settings.daily_token_quota,
         ),
     )
-    if not submission.created:
+    if submission.created:
+        metrics.JOBS_SUBMITTED.labels(body.pipeline).inc()
+    else:
         response.status_code = status.HTTP_200_OK
     response.headers["Location"] = f"/api/v1/jobs/{submission.job.id}"
     return JobOut.from_job(submission.job)

@@ -7,7 +7,9 @@ that the verdicts and the exit status follow the thresholds.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ import pytest
 
 from forgeline.benchmark.runner import DEFAULT_STORY_INPUT
 from forgeline.pipelines.story import StoryInput, build_prompt
-from tests.acceptance.conftest import EnvFactory
+from tests.acceptance.conftest import EnvFactory, ProcessFactory
 from tests.conftest import FAST_TIMINGS
 from tests.support.openai_server import OpenAIServer, story_pieces
 from tests.support.postgres import DatabaseFactory
@@ -120,6 +122,16 @@ def job_status(serve: ForgelineProcess, job_id: str) -> str:
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     response = httpx.get(f"{serve.url}/api/v1/jobs/{job_id}", headers=headers)
     status: str = response.json()["status"]
+    return status
+
+
+def settled_status(serve: ForgelineProcess, job_id: str) -> str:
+    """The job's status once final, polled for at most CANCEL_BOUND_S."""
+    deadline = time.monotonic() + CANCEL_BOUND_S
+    status = job_status(serve, job_id)
+    while status in {"queued", "running"} and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = job_status(serve, job_id)
     return status
 
 
@@ -244,12 +256,35 @@ def test_a_job_past_the_timeout_is_counted_and_cancelled(
     assert json_path.exists(), output_of(result)
     (sample,) = json.loads(json_path.read_text())["samples"]
     assert (sample["outcome"], sample["error_code"]) == ("timeout", "timeout")
-    deadline = time.monotonic() + CANCEL_BOUND_S
-    status = ""
-    while time.monotonic() < deadline and status != "cancelled":
-        status = job_status(serve, sample["job_id"])
-        time.sleep(0.1)
-    assert status == "cancelled"
+    assert settled_status(serve, sample["job_id"]) == "cancelled"
+
+
+def test_ctrl_c_cancels_the_jobs_still_running(
+    serve: ForgelineProcess, model_server: OpenAIServer
+) -> None:
+    """SIGINT mid-run exits 130 and leaves none of the run's jobs running on the server."""
+    model_server.piece_delay_s = 20 / STORY_WORDS
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    bench_process = subprocess.Popen(
+        [sys.executable, "-m", "forgeline", "bench", *against(serve), "--jobs", "2"],
+        env=forgeline_env({}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        running: list[dict[str, Any]] = []
+        deadline = time.monotonic() + CANCEL_BOUND_S
+        while len(running) < 2 and time.monotonic() < deadline:
+            listed = httpx.get(f"{serve.url}/api/v1/jobs?status=running", headers=headers)
+            running = listed.json()["items"]
+            time.sleep(0.1)
+        assert len(running) == 2, running
+        bench_process.send_signal(signal.SIGINT)
+        assert bench_process.wait(timeout=CANCEL_BOUND_S) == 130
+    finally:
+        if bench_process.poll() is None:
+            bench_process.kill()
+    assert [settled_status(serve, job["id"]) for job in running] == ["cancelled", "cancelled"]
 
 
 def test_a_ramp_spreads_the_starts_over_the_ramp_time(
@@ -310,6 +345,27 @@ def test_compare_shows_regressions_and_can_fail_on_them(
     regressed = {c["figure"] for c in comparison["changes"] if c["regression"]}
     assert "generation_s.avg" in regressed
     assert "success_rate" not in regressed
+
+
+def test_submits_the_server_sheds_are_counted_as_rejected(
+    start_forgeline: ProcessFactory,
+    forgeline_environ: EnvFactory,
+    openai_server: OpenAIServer,
+    tmp_path: Path,
+) -> None:
+    """Over the per-key active-job limit, a submit's 429 is a rejected job, not a crash."""
+    openai_server.piece_delay_s = PACED_S
+    limited = start_forgeline("serve", admin_key=ADMIN_KEY, max_active_jobs_per_key=2)
+    json_path = tmp_path / "report.json"
+    args = ["--url", limited.url, "--key", ADMIN_KEY, "--jobs", "4", "--concurrency", "4"]
+
+    result = bench([*args, "--json", str(json_path)], forgeline_environ())
+
+    assert result.returncode == 1, output_of(result)
+    summary = json.loads(json_path.read_text())["summary"]
+    assert summary["outcomes"]["succeeded"] >= 2
+    assert summary["outcomes"].get("rejected", 0) >= 1
+    assert summary["error_codes"] == {"rate_limited": summary["outcomes"]["rejected"]}
 
 
 def test_a_pipeline_or_input_the_server_refuses_is_one_clear_error(

@@ -177,7 +177,10 @@ class _Watch:
 
 
 class Benchmark:
-    """Runs a :class:`BenchPlan` and returns what every job saw.
+    """Runs a :class:`BenchPlan` and returns what every job saw::
+
+        async with Benchmark(plan) as benchmark:  # checks the server once
+            run = await benchmark.run(on_job_done=print)
 
     Jobs run ``concurrency`` at a time (a semaphore). With a ramp, the
     semaphore opens with one slot and the others open one by one, evenly
@@ -211,7 +214,7 @@ class Benchmark:
     async def __aenter__(self) -> Benchmark:
         """Check the server once (URL, key, pipeline) before any job is sent."""
         try:
-            await self._preflight(self._http)
+            await self._preflight()
         except BaseException:
             await self._http.aclose()
             raise
@@ -223,9 +226,9 @@ class Benchmark:
     async def run(self, *, on_job_done: JobDone | None = None) -> BenchRun:
         """Run every job; return the samples in submit order."""
         self._on_job_done = on_job_done
-        return await self._run_jobs(self._http)
+        return await self._run_jobs()
 
-    async def _run_jobs(self, http: httpx.AsyncClient) -> BenchRun:
+    async def _run_jobs(self) -> BenchRun:
         plan = self.plan
         ramping = plan.ramp_s > 0 and plan.concurrency > 1
         slots = asyncio.Semaphore(1 if ramping else plan.concurrency)
@@ -236,7 +239,7 @@ class Benchmark:
         try:
             async with asyncio.TaskGroup() as group:
                 for index in range(plan.jobs):
-                    group.create_task(self._job(http, slots, index, origin, samples))
+                    group.create_task(self._job(slots, index, origin, samples))
         except* BenchmarkError as stopped:
             raise stopped.exceptions[0] from None
         finally:
@@ -255,33 +258,38 @@ class Benchmark:
 
     async def _job(
         self,
-        http: httpx.AsyncClient,
         slots: asyncio.Semaphore,
         index: int,
         origin: float,
         samples: list[JobSample],
     ) -> None:
         async with slots:
-            sample = await self._measure(http, _Watch(index, origin))
+            sample = await self._measure(_Watch(index, origin))
         samples.append(sample)
         if self._on_job_done is not None:
             self._on_job_done(sample)
 
-    async def _measure(self, http: httpx.AsyncClient, watch: _Watch) -> JobSample:
+    async def _measure(self, watch: _Watch) -> JobSample:
         timeout_s = self.plan.job_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._submit_and_follow(http, watch)
+                return await self._submit_and_follow(watch)
         except TimeoutError:
             pass
+        except asyncio.CancelledError:
+            # The run stops (Ctrl-C, or another job found a fatal problem):
+            # leave no job of ours queued or running on the server.
+            if watch.job_id is not None and watch.final_at is None:
+                await asyncio.shield(self._cancel(watch.job_id))
+            raise
         if watch.job_id is not None:
-            await self._cancel(http, watch.job_id)
+            await self._cancel(watch.job_id)
         return watch.sample(Outcome.TIMEOUT, "timeout", f"no final event within {timeout_s:g} s")
 
-    async def _submit_and_follow(self, http: httpx.AsyncClient, watch: _Watch) -> JobSample:
+    async def _submit_and_follow(self, watch: _Watch) -> JobSample:
         body = {"pipeline": self.plan.pipeline, "input": self.plan.job_input}
         try:
-            response = await http.post("/api/v1/jobs", json=body)
+            response = await self._http.post("/api/v1/jobs", json=body)
         except httpx.TransportError as exc:
             return watch.sample(Outcome.REJECTED, "unreachable", _describe(exc))
         watch.submit_s = time.perf_counter() - watch.sent
@@ -296,15 +304,15 @@ class Benchmark:
             raise BenchmarkError(f"{self.base_url} refused the job: {_reason(response)}")
         watch.job_id = str(response.json()["id"])
         try:
-            final = await self._follow(http, watch)
+            final = await self._follow(watch)
         except _StreamLost as lost:
             return watch.sample(Outcome.LOST, lost.code, lost.message)
-        await self._read_job(http, watch)
+        await self._read_job(watch)
         outcome = FINAL_OUTCOMES.get(str(final.get("status")), Outcome.FAILED)
         error = final.get("error") or {}
         return watch.sample(outcome, error.get("code"), error.get("message"))
 
-    async def _follow(self, http: httpx.AsyncClient, watch: _Watch) -> dict[str, Any]:
+    async def _follow(self, watch: _Watch) -> dict[str, Any]:
         """Read the job's stream to its final event, resuming after a drop; return that event."""
         path = f"/api/v1/jobs/{watch.job_id}/events"
         timeout = httpx.Timeout(
@@ -315,7 +323,8 @@ class Benchmark:
         while True:
             headers = {"Last-Event-ID": str(last), "Accept": "text/event-stream"}
             try:
-                async with http.stream("GET", path, headers=headers, timeout=timeout) as response:
+                stream = self._http.stream("GET", path, headers=headers, timeout=timeout)
+                async with stream as response:
                     if response.status_code >= 400:
                         await response.aread()
                         problem = self._stream_refused(response)
@@ -350,22 +359,22 @@ class Benchmark:
             raise _StreamLost(_code(response), _reason(response))
         return f"HTTP {status}: {_reason(response)}"
 
-    async def _read_job(self, http: httpx.AsyncClient, watch: _Watch) -> None:
+    async def _read_job(self, watch: _Watch) -> None:
         """Keep the finished job's timestamps; without them only the queue wait is missing."""
         with contextlib.suppress(httpx.TransportError, ValueError):
-            response = await http.get(f"/api/v1/jobs/{watch.job_id}")
+            response = await self._http.get(f"/api/v1/jobs/{watch.job_id}")
             if response.status_code == 200:
                 watch.record_job(response.json())
 
-    async def _cancel(self, http: httpx.AsyncClient, job_id: str) -> None:
+    async def _cancel(self, job_id: str) -> None:
         """Ask the server to stop a job the benchmark gave up on, so it frees its worker."""
         with contextlib.suppress(httpx.TransportError):
-            await http.post(f"/api/v1/jobs/{job_id}/cancel", timeout=CANCEL_TIMEOUT_S)
+            await self._http.post(f"/api/v1/jobs/{job_id}/cancel", timeout=CANCEL_TIMEOUT_S)
 
-    async def _preflight(self, http: httpx.AsyncClient) -> None:
+    async def _preflight(self) -> None:
         """Fail once, clearly, for a wrong URL, a refused key or an unknown pipeline."""
         try:
-            response = await http.get("/api/v1/pipelines")
+            response = await self._http.get("/api/v1/pipelines")
         except httpx.TransportError as exc:
             raise BenchmarkError(
                 f"cannot reach forgeline at {self.base_url}: {_describe(exc)}"

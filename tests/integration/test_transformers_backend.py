@@ -153,5 +153,7 @@ async def test_settings_select_the_transformers_backend(model_path: Path) -> Non
     settings = get_settings(backend="transformers", local_model_path=model_path, local_device="cpu")
 
     backends = build_backends(settings)
+    description = await backends["transformers"].check()
+    await backends["transformers"].aclose()
     assert list(backends) == ["transformers"]
-    assert str(model_path) in await backends["transformers"].check()
+    assert str(model_path) in description

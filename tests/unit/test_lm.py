@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from forgeline.backends.builtin import load_model
 from forgeline.lm.generate import Sampling, StopFilter, choose
 from forgeline.lm.tokenizer import StreamDecoder, Tokenizer
 from forgeline.lm.weights import WeightsFormatError, load_weights, save_weights
 from forgeline.training.bpe import train_bpe
-from tests.support.tiny_models import SAMPLE_TEXT
+from tests.support.tiny_models import SAMPLE_TEXT, random_numpy_model
 
 # -- tokenizer ----------------------------------------------------------------
 
@@ -73,7 +75,9 @@ def test_weights_round_trip_and_are_deterministic(tmp_path: Path) -> None:
         pytest.param(lambda data: b"hello", "too short", id="not-safetensors"),
     ],
 )
-def test_damaged_weights_are_refused(tmp_path: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_weights_are_refused(
+    tmp_path: Path, damage: Callable[[bytes], bytes], message: str
+) -> None:
     """Truncation, a bad header or a flipped bit is reported, never loaded."""
     path = tmp_path / "w.safetensors"
     save_weights(path, {"x": np.ones(64, np.float32)}, {})
@@ -132,3 +136,29 @@ def test_held_text_that_was_no_stop_sequence_is_released() -> None:
 
     assert "".join(sent) + stop.finish() == "one\ntwo\n"
     assert not stop.stopped
+
+
+# -- model --------------------------------------------------------------------
+
+
+def test_prompt_in_one_chunk_matches_token_by_token(tmp_path: Path) -> None:
+    """Feeding a prompt at once gives the logits of feeding it one token at a time."""
+    loaded = load_model(random_numpy_model(tmp_path / "m"))
+    tokens = loaded.tokenizer.encode("The sea was calm, and the keeper walked along")[:20]
+
+    at_once = loaded.model.forward(tokens, loaded.model.new_cache())
+    one_by_one = loaded.model.logits_for(tokens)[-1]
+    np.testing.assert_allclose(at_once, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_runs_past_the_context_window(tmp_path: Path) -> None:
+    """The cache slides: three times the context length of tokens, each step still works."""
+    loaded = load_model(random_numpy_model(tmp_path / "m"))
+    cache = loaded.model.new_cache()
+    context = loaded.model.config.context
+
+    for step in range(3 * context):
+        logits = loaded.model.forward([step % 200], cache)
+        assert np.isfinite(logits).all()
+    assert cache.length == context
+    assert cache.position == 3 * context

@@ -164,10 +164,35 @@ async def _run_worker(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     err.print(f"forgeline worker running {settings.worker_concurrency} jobs at a time")
+    probes = None
+    if settings.metrics_port is not None:
+        from forgeline.api.app import create_probe_app
+
+        config = uvicorn.Config(
+            create_probe_app(settings, runtime, stop),
+            host=settings.host,
+            port=settings.metrics_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+        probes = _ProbeServer(config)
+        serving = asyncio.create_task(probes.serve())
     try:
         await runtime.run_worker(stop)
     finally:
+        if probes is not None:
+            probes.should_exit = True
+            await serving
         await runtime.close()
+
+
+class _ProbeServer(uvicorn.Server):
+    """uvicorn for a worker's probes and metrics; the worker owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 @app.command()

@@ -64,6 +64,9 @@ async def run_checks(runtime: Runtime, *, timeout_s: float = CHECK_TIMEOUT_S) ->
         _timed("queue", queue, critical=True, timeout_s=timeout_s),
         _timed("storage", runtime.storage.check, critical=True, timeout_s=timeout_s),
     ]
+    if runtime.limiter.shared:
+        # Replicas that cannot share their counters would each admit the whole limit.
+        checks.append(_timed("redis", runtime.limiter.check, critical=True, timeout_s=timeout_s))
     checks += [
         _timed(f"backend:{name}", backend.check, critical=False, timeout_s=timeout_s)
         for name, backend in runtime.backends.items()

@@ -61,7 +61,7 @@ class RateLimiter:
         options: dict[str, float] = {}
         if settings.redis_url is not None:
             uri = "async+" + settings.redis_url.get_secret_value().removeprefix("async+")
-            options = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+            options = {"connect_timeout": 1.0, "stream_timeout": 1.0}  # coredis names
         storage = storage_from_string(uri, **options)
         if not isinstance(storage, AsyncStorage):  # guards the type; "async+" gives one
             raise ConfigurationError(f"FORGELINE_REDIS_URL: unsupported: {uri.split(':')[0]}")

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         description="Proxy addresses or networks (CIDR), comma-separated, whose "
         "X-Forwarded-For is believed for the client's IP.",
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="`forgeline worker` only: serve /healthz, /readyz and /metrics on this port.",
+    )
     metrics_token: SecretStr | None = Field(
         default=None, description="If set, /metrics needs 'Authorization: Bearer <token>'."
     )

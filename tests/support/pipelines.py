@@ -167,3 +167,24 @@ class ArtifactPipeline(Pipeline):
         await asyncio.sleep(job.linger_s)
         journal(job.journal, "end", ctx)
         return {"artifact": "out.txt", "size": len(body)}
+
+
+class CrashInput(BaseModel):
+    """Nothing: the pipeline always crashes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CrashPipeline(Pipeline):
+    """Crashes with a bug while a secret from the environment is in a local variable.
+
+    If a rendered traceback showed local variables, the secret would be in the logs.
+    """
+
+    name = "crash"
+    description = "Raises an unexpected error holding a secret in a local (tests only)."
+    input_model = CrashInput
+
+    async def run(self, ctx: PipelineContext) -> dict[str, Any]:
+        secret = os.environ.get("FORGELINE_OPENAI_API_KEY", "")
+        return {"length": len(secret) // 0}

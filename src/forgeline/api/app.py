@@ -99,3 +99,15 @@ async def _interrupt_streams_on(stop: asyncio.Event, runtime: Runtime) -> None:
     """When shutdown begins, end every stream with a "reconnect" event."""
     await stop.wait()
     runtime.hub.interrupt_streams()
+
+
+def create_probe_app(settings: Settings, runtime: Runtime, stopping: asyncio.Event) -> FastAPI:
+    """A worker's own small app: ``/healthz``, ``/readyz`` and ``/metrics``."""
+    app = FastAPI(title="forgeline worker", version=__version__, openapi_url=None)
+    app.state.settings = settings
+    app.state.runtime = runtime
+    app.state.stopping = stopping
+    app.state.started_at = time.monotonic()
+    install_error_handlers(app)
+    app.include_router(health.router)
+    return app

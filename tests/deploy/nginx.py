@@ -8,6 +8,7 @@ folders (/tmp, the certificate) moved into the test's own directory.
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import ssl
 import subprocess
@@ -20,6 +21,7 @@ import httpx
 from tests.deploy.conftest import repo_path
 
 NGINX_CONF = repo_path("deploy", "nginx", "nginx.conf")
+UPSTREAM_CONF = repo_path("deploy", "nginx", "upstream.conf")
 
 
 def nginx_binary() -> str:
@@ -45,14 +47,19 @@ def self_signed_certificate(folder: Path, host: str = "localhost") -> tuple[Path
     return cert, key
 
 
-def render(upstream: str, http_port: int, https_port: int, workdir: Path) -> str:
-    """The committed configuration with this test's addresses and folders."""
-    text = NGINX_CONF.read_text()
-    text = text.replace("server api:8000", f"server {upstream}")
+def render_upstream(upstream: str) -> str:
+    """The committed upstream.conf with this test's api address."""
+    return UPSTREAM_CONF.read_text().replace("server api:8000", f"server {upstream}")
+
+
+def render(http_port: int, https_port: int, workdir: Path) -> str:
+    """The committed configuration with this test's ports and folders."""
+    # Folders first: the test's own paths live under /tmp too.
+    text = NGINX_CONF.read_text().replace(" /tmp/", f" {workdir}/run/")
+    text = text.replace("/etc/nginx/upstream.conf", str(workdir / "upstream.conf"))
     text = re.sub(r"^\s*listen \[::\].*\n", "", text, flags=re.MULTILINE)
     text = text.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
     text = text.replace("listen 443 ssl", f"listen 127.0.0.1:{https_port} ssl")
-    text = text.replace(" /tmp/", f" {workdir}/run/")
     return text.replace("/etc/nginx/tls/", f"{workdir}/tls/")
 
 
@@ -68,19 +75,18 @@ class Nginx:
     def start(self, upstream: str) -> Nginx:
         (self.workdir / "run").mkdir(parents=True, exist_ok=True)
         self_signed_certificate(self.workdir / "tls")
-        conf = self.workdir / "nginx.conf"
-        conf.write_text(render(upstream, self.http_port, self.https_port, self.workdir))
-        binary = nginx_binary()
-        # Workers as root: the test's folders are private to root.
+        (self.workdir / "upstream.conf").write_text(render_upstream(upstream))
+        (self.workdir / "nginx.conf").write_text(
+            render(self.http_port, self.https_port, self.workdir)
+        )
         check = subprocess.run(
-            [binary, "-t", "-p", str(self.workdir), "-c", str(conf), "-g", "user root;"],
-            capture_output=True, text=True, check=False, timeout=30,
-        )  # fmt: skip
+            shlex.split(self.command("-t")), capture_output=True, text=True, check=False, timeout=30
+        )
         if check.returncode != 0:
             raise AssertionError(f"nginx -t failed:\n{check.stderr}")
         self.log = (self.workdir / "nginx.log").open("wb")
         self.process = subprocess.Popen(
-            [binary, "-p", str(self.workdir), "-c", str(conf), "-g", "daemon off; user root;"],
+            [*shlex.split(self.command()), "-g", "daemon off;"],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -92,6 +98,25 @@ class Nginx:
             except httpx.HTTPError:
                 time.sleep(0.05)
         raise AssertionError("nginx did not start listening")
+
+    def command(self, *args: str) -> str:
+        """The nginx command line for this instance (``-t``, ``-s reload``...).
+
+        Workers run as root: the test's folders are private to root.
+        """
+        conf = self.workdir / "nginx.conf"
+        extra = " ".join(args)
+        return f"{nginx_binary()} -p {self.workdir} -c {conf} -g 'user root;' {extra}".strip()
+
+    @property
+    def upstream_file(self) -> Path:
+        """The upstream.conf this nginx includes."""
+        return self.workdir / "upstream.conf"
+
+    @property
+    def certificate(self) -> Path:
+        """The self-signed certificate (the CA for clients)."""
+        return self.workdir / "tls" / "tls.crt"
 
     @property
     def tls_context(self) -> ssl.SSLContext:

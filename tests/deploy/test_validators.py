@@ -236,6 +236,7 @@ def test_shell_scripts_pass_shellcheck() -> None:
     files = [
         DEPLOY / "cloudrun" / "deploy.sh",
         *sorted((DEPLOY / "backup").glob("*.sh")),
+        DEPLOY / "nginx" / "switch-upstream.sh",
         repo_path("scripts", "deploy-deps"),
     ]
     assert len(files) >= 4

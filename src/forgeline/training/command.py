@@ -63,7 +63,11 @@ def train(
     else:
         typer.echo("fetching the corpus (Debian package r-cran-janeaustenr)")
         with tempfile.TemporaryDirectory(prefix="forgeline-corpus-") as corpus_dir:
-            paths, provenance = fetch_austen(Path(corpus_dir))
+            try:
+                paths, provenance = fetch_austen(Path(corpus_dir))
+            except RuntimeError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
             texts = read_corpus(paths)
     tokenizer = None
     if init_from is not None:

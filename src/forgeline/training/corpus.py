@@ -65,12 +65,18 @@ def fetch_austen(dest: Path) -> tuple[list[Path], Provenance]:
         work = Path(tmp)
         # apt drops privileges to _apt for downloads; a world-writable folder lets it.
         work.chmod(0o777)
-        subprocess.run(  # noqa: S603 - fixed arguments, no shell
+        download = subprocess.run(  # noqa: S603 - fixed arguments, no shell
             ["apt-get", "download", "-q", AUSTEN_PACKAGE],  # noqa: S607 - found on PATH
             cwd=work,
-            check=True,
+            check=False,
             capture_output=True,
+            text=True,
         )
+        if download.returncode != 0:
+            raise RuntimeError(
+                f"apt-get download {AUSTEN_PACKAGE} failed (run `apt-get update` first if the "
+                f"package lists are empty): {download.stderr.strip()}"
+            )
         (deb,) = work.glob(f"{AUSTEN_PACKAGE}_*.deb")
         version = subprocess.run(  # noqa: S603
             ["dpkg-deb", "--field", str(deb), "Version"],  # noqa: S607

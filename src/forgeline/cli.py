@@ -15,7 +15,7 @@ import uvicorn
 from rich.console import Console
 from rich.table import Table
 
-from forgeline import __version__
+from forgeline import __version__, telemetry
 from forgeline.errors import ConfigurationError, DatabaseUnavailableError, ForgelineError
 from forgeline.logs import configure_logging
 from forgeline.settings import Settings, get_settings
@@ -48,6 +48,10 @@ def _settings(**overrides: Any) -> Settings:
             err.print(f"[red]error:[/red] {line}", highlight=False)
         raise typer.Exit(2) from None
     configure_logging(settings)
+    try:
+        telemetry.setup(settings)
+    except ConfigurationError as exc:
+        raise _fail(exc.message, 2) from None
     return settings
 
 
@@ -185,6 +189,7 @@ async def _run_worker(settings: Settings) -> None:
             probes.should_exit = True
             await serving
         await runtime.close()
+        telemetry.shutdown()
 
 
 class _ProbeServer(uvicorn.Server):

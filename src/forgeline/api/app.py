@@ -11,7 +11,7 @@ import structlog
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from forgeline import __version__
+from forgeline import __version__, telemetry
 from forgeline.api.errors import install_error_handlers
 from forgeline.api.middleware import HttpMiddleware, JsonGZipMiddleware
 from forgeline.api.routes import admin, events, health, jobs, pipelines
@@ -52,6 +52,7 @@ def create_app(
             if worker is not None:
                 await worker
             await runtime.close()
+            telemetry.shutdown()
             logger.info("forgeline stopped", action="stop")
 
     app = FastAPI(
@@ -70,6 +71,7 @@ def create_app(
         app.state.runtime = runtime
     app.state.started_at = time.monotonic()
     install_error_handlers(app)
+    telemetry.instrument_app(app)
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -73,6 +73,7 @@ import httpx
 import psycopg
 
 from bench.support import (
+    AUTH,
     Forgeline,
     add_admin_url,
     base_parser,
@@ -464,7 +465,9 @@ class Bench:
         base, probe = (self.model_url, "/models") if direct else (self.api_url, "/healthz")
         async with contextlib.AsyncExitStack() as stack:
             clients = [
-                await stack.enter_async_context(httpx.AsyncClient(base_url=base, timeout=timeout))
+                await stack.enter_async_context(
+                    httpx.AsyncClient(base_url=base, timeout=timeout, headers=AUTH)
+                )
                 for _ in range(count)
             ]
             # Open the connections first, so TCP set-up is not counted as TTFT.

@@ -25,6 +25,7 @@ import httpx
 import psycopg
 
 from bench.support import (
+    AUTH,
     Forgeline,
     add_admin_url,
     base_parser,
@@ -128,7 +129,9 @@ async def load(
     """Send ``warmup`` then ``requests`` submissions from ``clients`` tasks."""
     body = {"pipeline": "echo", "input": {"text": text}}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=api.url, limits=limits, timeout=30.0) as client:
+    async with httpx.AsyncClient(
+        base_url=api.url, limits=limits, timeout=30.0, headers=AUTH
+    ) as client:
         await _run(client, body, warmup, clients)
         sessions_before = _sessions(url)
         api_cpu_before = cpu_seconds(api.pid)

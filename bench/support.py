@@ -31,6 +31,8 @@ import httpx
 import psycopg
 from psycopg import sql
 
+from forgeline.auth import new_token
+
 #: Where the benchmarks find a PostgreSQL server they may create databases on.
 ADMIN_URL_ENV = "FORGELINE_BENCH_ADMIN_URL"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -321,10 +323,25 @@ def free_port() -> int:
         return port
 
 
+#: The admin key every benchmarked forgeline accepts (fresh each run), and its header.
+BENCH_KEY = new_token()
+AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
+#: Limits far above any benchmark's load: the limiter still runs on every request.
+UNLIMITED = {
+    "admin_key": BENCH_KEY,
+    "secret_key": "bench-secret-key",
+    "rate_limit_per_key": "100000000/minute",
+    "rate_limit_per_ip": "100000000/minute",
+    "max_active_jobs_per_key": 1_000_000,
+    "max_streams_per_key": 100_000,
+}
+
+
 def forgeline_env(**settings: object) -> dict[str, str]:
-    """Our environment minus any ``FORGELINE_*``, plus ``settings`` as variables."""
+    """Our environment minus any ``FORGELINE_*``, plus the benchmark key and ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORGELINE_")}
-    env.update({f"FORGELINE_{name.upper()}": str(value) for name, value in settings.items()})
+    values = {**UNLIMITED, **settings}
+    env.update({f"FORGELINE_{name.upper()}": str(value) for name, value in values.items()})
     return env
 
 

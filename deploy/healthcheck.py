@@ -1,14 +1,16 @@
-"""The image's HEALTHCHECK: exit 0 when this container's API answers /healthz.
+"""The image's HEALTHCHECK: exit 0 when this container answers /healthz.
 
-Liveness only (no dependency is touched), so a database outage never gets a
-healthy container restarted. Standard library only: the image has no curl.
+An api answers on FORGELINE_PORT; a worker on FORGELINE_METRICS_PORT, which
+only workers read (set it for them). Liveness only (no dependency is
+touched), so a database outage never gets a healthy container restarted.
+Standard library only: the image has no curl.
 """
 
 import os
 import sys
 import urllib.request
 
-port = os.environ.get("FORGELINE_PORT", "8000")
+port = os.environ.get("FORGELINE_METRICS_PORT") or os.environ.get("FORGELINE_PORT", "8000")
 try:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as response:
         sys.exit(0 if response.status == 200 else 1)

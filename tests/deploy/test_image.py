@@ -19,9 +19,10 @@ from tests.support.processes import free_port
 pytestmark = pytest.mark.slow
 
 #: Regression guard on the uncompressed size. The issue's target is 250 MB;
-#: numpy (54 MB with OpenBLAS, for the built-in model) and the openai SDK
-#: (30 MB) keep the image above it on a 130 MB python base.
-SIZE_LIMIT_MB = 340
+#: numpy (54 MB with OpenBLAS, for the built-in model), the openai SDK (30 MB)
+#: and the built-in model's weights (16 MB with forgeline) keep the image
+#: above it on a 130 MB python base.
+SIZE_LIMIT_MB = 360
 #: How the deploy files run forgeline: every container hardened the same way.
 HARDENED = (
     "--read-only",
@@ -149,11 +150,15 @@ def test_hardened_api_and_worker_run_a_job_and_stop_within_the_drain_budget(
         _wait_ready(url, timeout_s=60, logs=lambda: podman.run("logs", api).stderr),
     )
     # The worker needs no API key; as in the deploy files, only the api gets one.
-    worker = containers.start(
-        "worker", {k: v for k, v in env.items() if k != "FORGELINE_ADMIN_KEY"}
-    )
+    worker_env = {k: v for k, v in env.items() if k != "FORGELINE_ADMIN_KEY"}
+    worker = containers.start("worker", {**worker_env, "FORGELINE_METRICS_PORT": str(free_port())})
 
     assert podman.run("healthcheck", "run", api, check=False).returncode == 0
+    # The worker's probe server answers the same health check on its own port.
+    deadline = time.monotonic() + 60
+    while podman.run("healthcheck", "run", worker, check=False).returncode != 0:
+        assert time.monotonic() < deadline, podman.run("logs", worker).stderr[-3000:]
+        time.sleep(0.2)
     assert podman.run("exec", api, "id", "-u").stdout.strip() == "10001"
     assert podman.run("exec", worker, "id", "-u").stdout.strip() == "10001"
     # Read-only root: nothing outside the tmpfs mounts can be written.

@@ -25,7 +25,9 @@ TOOLS = repo_path(".tools", "deploy", "bin")
 DEPLOY = repo_path("deploy")
 OVERLAYS = ("dev", "staging", "prod")
 #: Custom resources with no schema in kubernetes-validate's bundle; checked below.
-CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "ExternalSecret"}
+CUSTOM_KINDS = {
+    "ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PodMonitor", "ExternalSecret",
+}  # fmt: skip
 #: Metric names forgeline exports (plus the standard process_* and up series).
 METRICS = {
     "http_requests_total",
@@ -206,6 +208,13 @@ def test_pods_are_restricted_and_grace_periods_cover_the_drain(
         assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert api["startupProbe"]["httpGet"]["path"] == "/healthz"
         assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        worker = specs["forgeline-worker"]["containers"][0]  # type: ignore[index]
+        worker_env = {e["name"]: e.get("value") for e in worker["env"]}
+        metrics_port = int(worker_env["FORGELINE_METRICS_PORT"])
+        assert worker["ports"] == [
+            {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}
+        ]
+        assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
         # The worker drains, then hands jobs back (a few seconds); 10 s spare.
         assert drain_s + 10 <= specs["forgeline-worker"]["terminationGracePeriodSeconds"]  # type: ignore[operator]
 

@@ -37,9 +37,11 @@ export IMAGE=$image
 run() { "$gcloud_bin" run "$@" --region "$REGION" --project "$PROJECT_ID" --quiet; }
 say() { echo "deploy: $*" >&2; }
 
-# Read a field of the service's JSON description (empty when absent).
+# Read a field of the service's JSON description (empty when it does not exist).
 describe() {
-    run services describe "$SERVICE" --format=json 2>/dev/null | python3 -c "$1" || true
+    local json
+    json=$(run services describe "$SERVICE" --format=json 2>/dev/null) || return 0
+    python3 -c "$1" <<< "$json"
 }
 blue=$(describe 'import json, sys
 d = json.load(sys.stdin)

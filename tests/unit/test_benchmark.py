@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from forgeline.benchmark import BenchmarkError
 from forgeline.benchmark.command import parse_input
-from forgeline.benchmark.runner import DEFAULT_STORY_INPUT, SseDecoder
+from forgeline.benchmark.runner import DEFAULT_STORY_INPUT
 from forgeline.benchmark.stats import (
     JobSample,
     Outcome,
@@ -20,6 +21,7 @@ from forgeline.benchmark.stats import (
     percentile,
     summarise,
 )
+from forgeline.benchmark.stream import JobWatch, SseDecoder
 from forgeline.benchmark.thresholds import (
     Thresholds,
     compare,
@@ -27,6 +29,7 @@ from forgeline.benchmark.thresholds import (
     load_baseline,
     load_thresholds,
 )
+from forgeline.client import StreamEvent
 
 
 def succeeded(index: int, generation_s: float, **fields: Any) -> JobSample:
@@ -356,3 +359,43 @@ def test_sse_decoder_yields_whole_events_and_skips_comments() -> None:
         (3, "token", {"text": "Once"}),
         (0, "reconnect", {"after": 3}),
     ]
+
+
+def test_job_watch_counts_the_last_attempts_words_and_every_error() -> None:
+    """A retried job's tokens start over; TTFT is the first token ever; errors are counted."""
+    watch = JobWatch(index=0, origin=watch_origin())
+    sent = watch.sent
+    stream = [
+        StreamEvent(1, "status", {"status": "running"}),
+        StreamEvent(2, "attempt", {"attempt": 1}),
+        StreamEvent(3, "token", {"text": "Once upon a ti"}),
+        StreamEvent(4, "error", {"code": "backend_unavailable", "retryable": True}),
+        StreamEvent(5, "attempt", {"attempt": 2}),
+        StreamEvent(6, "token", {"text": "Once up"}),
+        StreamEvent(7, "token", {"text": "on a time."}),
+        StreamEvent(8, "final", {"status": "succeeded"}),
+    ]
+    finals = [watch.see(event, at=sent + event.seq) for event in stream]
+    watch.record_job(
+        {
+            "created_at": "2026-01-01T00:00:00Z",
+            "started_at": "2026-01-01T00:00:01.5Z",
+            "finished_at": "2026-01-01T00:00:09Z",
+        }
+    )
+
+    sample = watch.sample(Outcome.SUCCEEDED)
+
+    assert finals[-1] == {"status": "succeeded"}
+    assert finals[:-1] == [None] * 7
+    assert (sample.tokens, sample.attempts, sample.errors_seen) == (4, 2, 1)
+    assert sample.ttft_s == pytest.approx(3.0)
+    assert sample.generation_s == pytest.approx(8.0)
+    assert sample.queue_wait_s == pytest.approx(1.5)
+    assert sample.started_at is not None
+    assert sample.finished_at == pytest.approx(sample.started_at + 7.5)
+
+
+def watch_origin() -> float:
+    """The start of a run, a moment ago on the benchmark's clock."""
+    return time.perf_counter()

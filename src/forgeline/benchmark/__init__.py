@@ -7,6 +7,7 @@ time. The figures are checked against thresholds and, optionally, compared
 with an earlier run.
 
 - :mod:`~forgeline.benchmark.runner` drives the jobs over HTTP.
+- :mod:`~forgeline.benchmark.stream` reads a job's stream and records what it saw.
 - :mod:`~forgeline.benchmark.stats` turns what each job saw into a report.
 - :mod:`~forgeline.benchmark.thresholds` holds the verdicts and comparisons.
 - :mod:`~forgeline.benchmark.render` prints the report as rich tables.

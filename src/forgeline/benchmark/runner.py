@@ -4,11 +4,6 @@ Every job is measured from the client's side, the way an application sees
 forgeline: the clock starts just before ``POST /api/v1/jobs`` and stops at
 the stream's ``final`` event. The job's own timestamps, read back once it has
 finished, give the queue wait and which jobs ran at the same time.
-
-Tokens are counted as the whitespace-separated words of the text the stream
-carried (the last attempt's, when a job was retried): the API does not expose
-the model's own token count, and words are the unit the test model server
-and ``bench/streaming.py`` count too.
 """
 
 from __future__ import annotations
@@ -16,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +21,7 @@ import httpx
 
 from forgeline.benchmark import BenchmarkError
 from forgeline.benchmark.stats import JobSample, Outcome
-from forgeline.client import StreamEvent
+from forgeline.benchmark.stream import JobWatch, SseDecoder
 
 #: What a story job asks for unless ``--input`` says otherwise.
 DEFAULT_STORY_INPUT: dict[str, Any] = {"prompt": "A lighthouse keeper finds a door in the sea"}
@@ -78,102 +72,6 @@ class BenchRun:
 def default_input(pipeline: str) -> dict[str, Any]:
     """The input each job gets when none is given: a story prompt, or nothing."""
     return dict(DEFAULT_STORY_INPUT) if pipeline == "story" else {}
-
-
-class SseDecoder:
-    """Turns the lines of a ``text/event-stream`` into events, one line at a time."""
-
-    def __init__(self) -> None:
-        self._fields: dict[str, str] = {}
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> StreamEvent | None:
-        """Take one line (without its end); return the event it completes, if any."""
-        if not line:
-            event = None
-            if self._data:
-                seq = int(self._fields.get("id") or 0)
-                data = json.loads("\n".join(self._data))
-                event = StreamEvent(seq, self._fields.get("event", "message"), data)
-            self._fields, self._data = {}, []
-            return event
-        if line.startswith(":"):
-            return None  # a heartbeat comment
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            self._data.append(value)
-        else:
-            self._fields[name] = value
-        return None
-
-
-class _Watch:
-    """What the benchmark learns about one job as it goes."""
-
-    def __init__(self, index: int, origin: float) -> None:
-        self.index = index
-        self.origin = origin
-        self.sent = time.perf_counter()
-        self.job_id: str | None = None
-        self.submit_s: float | None = None
-        self.first_token: float | None = None
-        self.final_at: float | None = None
-        self.attempts = 0
-        self.errors_seen = 0
-        self.parts: list[str] = []
-        self.created_at: float | None = None
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-
-    def see(self, event: StreamEvent, at: float) -> dict[str, Any] | None:
-        """Record one stream event; return the final event's data when it is one."""
-        if event.type == "token":
-            if self.first_token is None:
-                self.first_token = at
-            self.parts.append(str(event.data.get("text", "")))
-        elif event.type == "attempt":
-            self.attempts = int(event.data.get("attempt", self.attempts + 1))
-            if self.attempts > 1:
-                self.parts.clear()  # a new delivery starts the text over
-        elif event.type == "error":
-            self.errors_seen += 1
-        elif event.type == "final":
-            self.final_at = at
-            return event.data
-        return None
-
-    def record_job(self, job: dict[str, Any]) -> None:
-        """Keep the job's own timestamps, as the API reports them."""
-        self.created_at = _epoch(job.get("created_at"))
-        self.started_at = _epoch(job.get("started_at"))
-        self.finished_at = _epoch(job.get("finished_at"))
-
-    def sample(
-        self, outcome: Outcome, code: str | None = None, message: str | None = None
-    ) -> JobSample:
-        """The job's record, as it stands now."""
-        queue_wait = None
-        if self.created_at is not None and self.started_at is not None:
-            queue_wait = max(0.0, self.started_at - self.created_at)
-        return JobSample(
-            index=self.index,
-            outcome=outcome,
-            job_id=self.job_id,
-            error_code=code,
-            error_message=message,
-            sent_at_s=self.sent - self.origin,
-            ended_at_s=time.perf_counter() - self.origin,
-            submit_s=self.submit_s,
-            queue_wait_s=queue_wait,
-            ttft_s=None if self.first_token is None else self.first_token - self.sent,
-            generation_s=None if self.final_at is None else self.final_at - self.sent,
-            tokens=len("".join(self.parts).split()),
-            attempts=self.attempts,
-            errors_seen=self.errors_seen,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-        )
 
 
 class Benchmark:
@@ -264,12 +162,12 @@ class Benchmark:
         samples: list[JobSample],
     ) -> None:
         async with slots:
-            sample = await self._measure(_Watch(index, origin))
+            sample = await self._measure(JobWatch(index, origin))
         samples.append(sample)
         if self._on_job_done is not None:
             self._on_job_done(sample)
 
-    async def _measure(self, watch: _Watch) -> JobSample:
+    async def _measure(self, watch: JobWatch) -> JobSample:
         timeout_s = self.plan.job_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
@@ -286,7 +184,7 @@ class Benchmark:
             await self._cancel(watch.job_id)
         return watch.sample(Outcome.TIMEOUT, "timeout", f"no final event within {timeout_s:g} s")
 
-    async def _submit_and_follow(self, watch: _Watch) -> JobSample:
+    async def _submit_and_follow(self, watch: JobWatch) -> JobSample:
         body = {"pipeline": self.plan.pipeline, "input": self.plan.job_input}
         try:
             response = await self._http.post("/api/v1/jobs", json=body)
@@ -312,7 +210,7 @@ class Benchmark:
         error = final.get("error") or {}
         return watch.sample(outcome, error.get("code"), error.get("message"))
 
-    async def _follow(self, watch: _Watch) -> dict[str, Any]:
+    async def _follow(self, watch: JobWatch) -> dict[str, Any]:
         """Read the job's stream to its final event, resuming after a drop; return that event."""
         path = f"/api/v1/jobs/{watch.job_id}/events"
         timeout = httpx.Timeout(
@@ -359,7 +257,7 @@ class Benchmark:
             raise _StreamLost(_code(response), _reason(response))
         return f"HTTP {status}: {_reason(response)}"
 
-    async def _read_job(self, watch: _Watch) -> None:
+    async def _read_job(self, watch: JobWatch) -> None:
         """Keep the finished job's timestamps; without them only the queue wait is missing."""
         with contextlib.suppress(httpx.TransportError, ValueError):
             response = await self._http.get(f"/api/v1/jobs/{watch.job_id}")
@@ -450,13 +348,3 @@ def _reason(response: httpx.Response) -> str:
 def _describe(exc: httpx.HTTPError) -> str:
     # Some httpx errors (timeouts) carry no message of their own.
     return str(exc) or type(exc).__name__
-
-
-def _epoch(value: object) -> float | None:
-    """Seconds since the epoch from an ISO 8601 timestamp, or ``None``."""
-    if not isinstance(value, str):
-        return None
-    try:
-        return dt.datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None

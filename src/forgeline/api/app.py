@@ -9,13 +9,16 @@ from collections.abc import AsyncIterator
 
 import structlog
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.middleware.cors import CORSMiddleware
 
 from forgeline import __version__, telemetry
 from forgeline.api.errors import install_error_handlers
 from forgeline.api.middleware import HttpMiddleware, JsonGZipMiddleware
+from forgeline.api.openapi import COMMON_RESPONSES, install_openapi
 from forgeline.api.routes import admin, events, health, jobs, pipelines
 from forgeline.api.routes.events import StreamSlots
+from forgeline.pipelines.registry import PipelineRegistry, load_pipelines
 from forgeline.runtime import Runtime
 from forgeline.settings import Settings
 
@@ -90,10 +93,23 @@ def create_app(
         request_timeout_s=settings.request_timeout_s,
     )
     app.include_router(health.router)
-    app.include_router(jobs.router)
-    app.include_router(events.router)
-    app.include_router(pipelines.router)
-    app.include_router(admin.router)
+    for api in (jobs.router, events.router, pipelines.router, admin.router):
+        app.include_router(api, responses=COMMON_RESPONSES)
+    # For the Allow header of a 405, which Starlette fills from one route only.
+    app.state.http_routes = [
+        route
+        for router in (health.router, jobs.router, events.router, pipelines.router, admin.router)
+        for route in router.routes
+        if isinstance(route, APIRoute)
+    ]
+
+    def installed_pipelines() -> PipelineRegistry:
+        # The running runtime's once started; before that (a document built
+        # without serving), the ones these settings name.
+        running: Runtime | None = getattr(app.state, "runtime", None)
+        return running.pipelines if running is not None else load_pipelines(settings.pipelines)
+
+    install_openapi(app, installed_pipelines)
     return app
 
 

@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from procrastinate.exceptions import ConnectorException
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
@@ -71,7 +72,21 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = HTTP_CODES.get(exc.status_code, "http_error")
     headers = dict(exc.headers) if exc.headers else None
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route on the path only;
+        # a path served by several routes (GET and POST /jobs) allows them all.
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
     return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this request's path."""
+    routes: list[APIRoute] = getattr(request.app.state, "http_routes", [])
+    methods: set[str] = set()
+    for route in routes:
+        if route.path_regex.fullmatch(request.url.path):
+            methods.update(route.methods or ())
+    return sorted(methods)
 
 
 async def _dependency_down(request: Request, exc: Exception) -> JSONResponse:

@@ -14,7 +14,8 @@ from forgeline.jobs.models import Job, JobStatus
 class JobCreate(BaseModel):
     """A job to run. Server-owned fields (status, owner, attempts) are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: 0 or "true" is not a boolean; the body must match the document.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     pipeline: str = Field(min_length=1, max_length=100, examples=["story"])
     input: dict[str, Any] = Field(

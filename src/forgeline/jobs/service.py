@@ -7,10 +7,10 @@ jobs: a job that exists but belongs to someone else is "not found".
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +30,11 @@ from forgeline.jobs.models import Artifact, Job, JobError, JobStatus
 from forgeline.pipelines.registry import PipelineRegistry
 
 MAX_PAGE_SIZE = 100
+#: A page cursor: microseconds since the epoch and a job id, the position
+#: after which the next page starts. Every string of this form is a valid one.
+CURSOR_PATTERN = r"^[0-9]{1,16}_[0-9a-f]{32}$"
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND = dt.timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -337,16 +342,14 @@ def _request_hash(pipeline: str, job_input: dict[str, Any]) -> str:
 
 
 def _encode_cursor(row: JobRow) -> str:
-    raw = f"{row.created_at.isoformat()}|{row.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode()
+    return f"{(row.created_at - _EPOCH) // _MICROSECOND}_{row.id.hex}"
 
 
 def _decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
-    try:
-        created, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        return dt.datetime.fromisoformat(created), uuid.UUID(job_id)
-    except ValueError:
-        raise InvalidInputError("cursor is not one this API returned") from None
+    if not re.fullmatch(CURSOR_PATTERN, cursor):
+        raise InvalidInputError("cursor is not one this API returned")
+    micros, _, job_id = cursor.partition("_")
+    return _EPOCH + int(micros) * _MICROSECOND, uuid.UUID(hex=job_id)
 
 
 def _to_job(row: JobRow, artifacts: Sequence[ArtifactRow]) -> Job:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
@@ -54,7 +55,10 @@ class PipelineRegistry:
         """Validate ``data`` against the pipeline's input model; return it normalised."""
         pipeline = self.get(name)
         try:
-            model = pipeline.input_model.model_validate(data)
+            # Strict, with JSON's meaning of values, as the document says: 1 is
+            # not true and "5" is not 5, but 5.0 is 5.
+            encoded = json.dumps(_integral_floats_as_ints(data))
+            model = pipeline.input_model.model_validate_json(encoded, strict=True)
         except ValidationError as exc:
             raise InvalidInputError(
                 f"invalid input for pipeline {name!r}",
@@ -64,6 +68,17 @@ class PipelineRegistry:
                 ],
             ) from None
         return model.model_dump(mode="json")
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """``value`` with every whole float (5.0) made an int: JSON does not tell them apart."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(item) for item in value]
+    return value
 
 
 def load_pipelines(extra_paths: Iterable[str] = ()) -> PipelineRegistry:

@@ -26,7 +26,8 @@ router = APIRouter(
 class KeyCreate(BaseModel):
     """A key to make."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: an admin flag of 1 or "yes" is refused, not read as true.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=100, examples=["blog-writer"])
     admin: bool = False
@@ -70,7 +71,10 @@ class KeyList(BaseModel):
     "/keys",
     status_code=status.HTTP_201_CREATED,
     response_model=NewKeyOut,
-    responses={422: {"model": ErrorEnvelope, "description": "Invalid request."}},
+    responses={
+        400: {"model": ErrorEnvelope, "description": "Malformed JSON."},
+        422: {"model": ErrorEnvelope, "description": "Invalid request."},
+    },
 )
 async def create_key(body: KeyCreate, runtime: RuntimeDep) -> NewKeyOut:
     """Make a key. Its full text is in this response only."""

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
+from pydantic import WithJsonSchema
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from forgeline.api.deps import JobsDep, KeyDep, RuntimeDep, authenticate_ws, get_runtime_ws
@@ -41,6 +42,9 @@ WS_UNAUTHORIZED = 4401
 WS_NOT_FOUND = 4404
 WS_RATE_LIMITED = 4429
 WS_BAD_REQUEST = 4400
+#: The largest event sequence number (the column is a 32-bit integer).
+MAX_SEQ = 2**31 - 1
+LAST_EVENT_ID_PATTERN = r"^[0-9]{1,20}$"
 #: How long a WebSocket client has to send its ``{"after": N}`` message.
 WS_HELLO_TIMEOUT_S = 10.0
 
@@ -74,13 +78,9 @@ class StreamSlots:
 
 def _start_after(last_event_id: str | None, after: int | None) -> int:
     if last_event_id is not None:
-        try:
-            value = int(last_event_id)
-        except ValueError:
-            raise InvalidInputError("Last-Event-ID must be an event sequence number") from None
-        if value < 0:
-            raise InvalidInputError("Last-Event-ID must not be negative")
-        return value
+        # Digits only (the header's pattern); past the last possible sequence
+        # number it means what any id past the job's last event means: after all.
+        return min(int(last_event_id), MAX_SEQ)
     return after or 0
 
 
@@ -110,8 +110,13 @@ async def stream_events(
     jobs: JobsDep,
     key: KeyDep,
     runtime: RuntimeDep,
-    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
-    after: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(pattern=LAST_EVENT_ID_PATTERN),
+        # A header is absent or a string, never null: say so in the document.
+        WithJsonSchema({"type": "string", "pattern": LAST_EVENT_ID_PATTERN}),
+    ] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
 ) -> EventSourceResponse:
     """Server-sent events: replay after ``Last-Event-ID`` (or ``after``), then live."""
     start = _start_after(last_event_id, after)
@@ -161,7 +166,7 @@ async def stream_events(
 async def stream_websocket(
     websocket: WebSocket,
     job_id: str,
-    after: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
 ) -> None:
     """The same stream over a WebSocket: JSON messages ``{"seq", "type", "data"}``.
 
@@ -241,6 +246,6 @@ async def _receive_after(websocket: WebSocket) -> int:
         value = json.loads(message)["after"]
     except (ValueError, KeyError, TypeError):
         raise InvalidInputError('first message must be {"after": N}') from None
-    if not isinstance(value, int) or value < 0:
-        raise InvalidInputError("after must be a non-negative integer")
+    if type(value) is not int or not 0 <= value <= MAX_SEQ:
+        raise InvalidInputError(f"after must be an integer from 0 to {MAX_SEQ}")
     return value

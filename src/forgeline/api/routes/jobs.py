@@ -12,7 +12,7 @@ from forgeline import metrics
 from forgeline.api.deps import JobsDep, OwnerDep, RuntimeDep, SettingsDep
 from forgeline.api.schemas import ErrorEnvelope, JobCreate, JobOut, JobPage
 from forgeline.jobs.models import JobStatus
-from forgeline.jobs.service import MAX_PAGE_SIZE, Quota
+from forgeline.jobs.service import CURSOR_PATTERN, MAX_PAGE_SIZE, Quota
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -71,7 +71,7 @@ async def list_jobs(
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     pipeline: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
 ) -> JobPage:
     """Your jobs, newest first."""
     page = await jobs.list_jobs(

@@ -28,7 +28,6 @@ from forgeline.auth import (
     write_private,
 )
 from forgeline.backends.base import Backend
-from forgeline.backends.openai_compat import OpenAICompatibleBackend
 from forgeline.db import migrate
 from forgeline.db.embedded import start_embedded_postgres
 from forgeline.db.engine import (
@@ -85,6 +84,9 @@ def build_backends(settings: Settings) -> dict[str, Backend]:
                 max_concurrency=settings.local_max_concurrency,
             )
         }
+    # Imported only when used: the SDK takes longer to import than the rest of forgeline.
+    from forgeline.backends.openai_compat import OpenAICompatibleBackend
+
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     return {
         "openai": OpenAICompatibleBackend(

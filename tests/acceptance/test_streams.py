@@ -385,7 +385,7 @@ def test_websocket_client_leaving_cancels_a_cancel_on_disconnect_job(
 ) -> None:
     """With cancel_on_disconnect, the job ends cancelled when its only WebSocket client leaves."""
     pieces = 400
-    long_story(openai_server, pieces, per_second=200)
+    long_story(openai_server, pieces, per_second=80)  # 5 s: longer than the reconnect grace
     serve = start_forgeline("serve")
     job_id = submit(serve.url, story_input(pieces), cancel_on_disconnect=True)
     transcript = Transcript(connections=1)
@@ -453,7 +453,7 @@ def test_cancel_on_disconnect_decides_what_a_client_leaving_does(
     """With cancel_on_disconnect the job ends cancelled when its only SSE client leaves;
     without it the job runs to completion."""
     pieces = 400
-    story = long_story(openai_server, pieces, per_second=200)
+    story = long_story(openai_server, pieces, per_second=80)  # longer than the reconnect grace
     serve = start_forgeline("serve")
     job_id = submit(serve.url, story_input(pieces), cancel_on_disconnect=cancel_on_disconnect)
     transcript = Transcript(connections=1)
@@ -472,6 +472,34 @@ def test_cancel_on_disconnect_decides_what_a_client_leaving_does(
     else:
         assert job["status"] == "succeeded", job
         assert job["result"]["text"] == story
+
+
+def test_cancel_on_disconnect_counts_clients_on_every_replica(
+    start_forgeline: ProcessFactory, openai_server: OpenAIServer
+) -> None:
+    """A client leaving replica A does not cancel the job while another follows it on B;
+    when that one leaves too, the job is cancelled."""
+    pieces = 1000
+    long_story(openai_server, pieces, per_second=100)
+    first, second = start_replicas(start_forgeline)
+    start_forgeline("worker")
+    job_id = submit(first.url, story_input(pieces), cancel_on_disconnect=True)
+
+    # Reads wait past a heartbeat: the worker may still be starting on a busy machine.
+    with httpx.Client(headers=AUTH, timeout=httpx.Timeout(10, read=30)) as client:
+        staying = read_events(client, events_url(second.url, job_id))
+        next(staying)  # B's stream is open
+        leaving = Transcript(connections=1)
+        for event in read_events(client, events_url(first.url, job_id)):
+            leaving.add(event)
+            if len(leaving.of_type("token")) == 3:
+                break  # A's client goes away mid-generation
+        time.sleep(2.5)  # past the reconnect grace
+        job = httpx.get(f"{first.url}/api/v1/jobs/{job_id}", headers=AUTH, timeout=5).json()
+        assert job["status"] == "running", job
+        staying.close()  # B's client goes away too
+
+    assert wait_final(first.url, job_id, timeout_s=15)["status"] == "cancelled"
 
 
 @pytest.mark.parametrize("transport", ["sse", "ws"])

@@ -61,7 +61,7 @@ class ForgelineProcess:
         """Base URL of an ``api`` or ``serve`` process."""
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Poll ``/readyz`` until 200; fail with the process's output if it does not come."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

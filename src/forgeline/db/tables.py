@@ -64,6 +64,8 @@ class JobRow(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_on_disconnect: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Open streams of a cancel_on_disconnect job, on every replica together.
+    watchers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: The last event sequence number handed out; appends lock this row.
     event_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -121,10 +121,6 @@ class EventHub:
             for subscription in subscribers:
                 subscription.interrupt()
 
-    def listeners_of(self, job_id: uuid.UUID) -> int:
-        """How many streams in this process follow ``job_id``."""
-        return len(self._subscriptions.get(job_id, ()))
-
     async def _listen_forever(self) -> None:
         while True:
             try:

@@ -184,6 +184,18 @@ class JobService:
             return Submission(existing, created=False)
         return Submission(_to_job(row, ()), created=True)
 
+    async def watch(self, job_id: uuid.UUID, change: int) -> int:
+        """Count a stream of ``job_id`` opening (+1) or closing (-1); the open streams left."""
+        async with self.sessions.begin() as session:
+            left = await session.scalar(
+                text(
+                    "UPDATE jobs SET watchers = greatest(watchers + :change, 0)"
+                    " WHERE id = :id RETURNING watchers"
+                ),
+                {"change": change, "id": job_id},
+            )
+        return int(left or 0)
+
     async def get(self, job_id: str | uuid.UUID, *, owner: str | None) -> Job:
         """The caller's job; ``NotFoundError`` if absent or someone else's."""
         async with self.sessions() as session:

@@ -14,7 +14,7 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
@@ -36,6 +36,9 @@ logger = structlog.get_logger("forgeline.api")
 HEARTBEAT_S = 15.0
 #: After shutdown starts, how long a stream may take to send its farewell.
 FAREWELL_GRACE_S = 5.0
+#: After the last stream of a cancel_on_disconnect job closes, how long a client
+#: has to reconnect (to any replica) before the job is cancelled.
+RECONNECT_GRACE_S = 1.0
 #: WebSocket close code for "server restarting, reconnect" (RFC 6455 registry).
 WS_SERVICE_RESTART = 1012
 WS_UNAUTHORIZED = 4401
@@ -84,10 +87,36 @@ def _start_after(last_event_id: str | None, after: int | None) -> int:
     return after or 0
 
 
-async def _cancel_if_abandoned(runtime: Runtime, job: Job) -> None:
-    """Cancel a ``cancel_on_disconnect`` job once no stream in this process follows it."""
-    if runtime.hub.listeners_of(job.id) > 0:
+@contextlib.asynccontextmanager
+async def _watching(request_state: Any, runtime: Runtime, job: Job) -> AsyncIterator[list[bool]]:
+    """Count this stream among the job's watchers (every replica's) while it is open.
+
+    For a ``cancel_on_disconnect`` job only. The caller sets ``finished[0]``
+    when the stream reached the final event (or a shutdown's "reconnect");
+    otherwise the client left, and if no stream anywhere is left after a
+    short grace (a reconnect to another replica), the job is cancelled.
+    """
+    finished = [False]
+    if not job.cancel_on_disconnect:
+        yield finished
         return
+    await runtime.jobs.watch(job.id, +1)
+    try:
+        yield finished
+    finally:
+        # Not awaited here: the stream is being closed or cancelled.
+        tasks: set[asyncio.Task[None]] = request_state.background_tasks
+        task = asyncio.create_task(_unwatch(runtime, job, left=not finished[0]))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
+async def _unwatch(runtime: Runtime, job: Job, *, left: bool) -> None:
+    if await runtime.jobs.watch(job.id, -1) > 0 or not left:
+        return
+    await asyncio.sleep(RECONNECT_GRACE_S)
+    if await runtime.jobs.watch(job.id, 0) > 0:
+        return  # the client came back, here or on another replica
     with contextlib.suppress(ConflictError):
         await runtime.jobs.cancel(job.id, owner=job.owner)
         logger.info(
@@ -126,33 +155,28 @@ async def stream_events(
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         last = start
-        finished = False
         with streams.hold(key):
-            try:
-                # aclosing: leave the subscription as soon as the client does.
-                async with contextlib.aclosing(
-                    follow(runtime.hub, runtime.sessions, job.id, after=start)
-                ) as followed:
-                    async for event in followed:
-                        last = event.seq
-                        yield ServerSentEvent(
-                            data=json.dumps(event.data), event=event.type.value, id=str(event.seq)
-                        )
-                finished = True
-            except StreamInterrupted:
-                finished = True
-                yield ServerSentEvent(
-                    data=json.dumps({"after": last, "reason": "server shutting down"}),
-                    event="reconnect",
-                    retry=1000,
-                )
-            finally:
-                if not finished and job.cancel_on_disconnect:
-                    # Not awaited here: the generator is being closed or cancelled.
-                    tasks: set[asyncio.Task[None]] = request.app.state.background_tasks
-                    task = asyncio.create_task(_cancel_if_abandoned(runtime, job))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+            async with _watching(request.app.state, runtime, job) as finished:
+                try:
+                    # aclosing: leave the subscription as soon as the client does.
+                    async with contextlib.aclosing(
+                        follow(runtime.hub, runtime.sessions, job.id, after=start)
+                    ) as followed:
+                        async for event in followed:
+                            last = event.seq
+                            yield ServerSentEvent(
+                                data=json.dumps(event.data),
+                                event=event.type.value,
+                                id=str(event.seq),
+                            )
+                    finished[0] = True
+                except StreamInterrupted:
+                    finished[0] = True
+                    yield ServerSentEvent(
+                        data=json.dumps({"after": last, "reason": "server shutting down"}),
+                        event="reconnect",
+                        retry=1000,
+                    )
 
     return EventSourceResponse(
         events(),
@@ -200,10 +224,12 @@ async def stream_websocket(
         await websocket.close(code=WS_BAD_REQUEST, reason=str(exc) or 'expected {"after": N}')
         return
     with streams.hold(key):
-        await _run_websocket(websocket, runtime, job, start)
+        async with _watching(websocket.app.state, runtime, job) as finished:
+            finished[0] = await _run_websocket(websocket, runtime, job, start)
 
 
-async def _run_websocket(websocket: WebSocket, runtime: Runtime, job: Job, start: int) -> None:
+async def _run_websocket(websocket: WebSocket, runtime: Runtime, job: Job, start: int) -> bool:
+    """Stream until the end, the client leaves or shutdown; True unless the client left."""
     sender = asyncio.create_task(_send_events(websocket, runtime, job, start))
     # The client may leave while the job is silent: notice it without waiting
     # for the next event.
@@ -213,9 +239,7 @@ async def _run_websocket(websocket: WebSocket, runtime: Runtime, job: Job, start
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
             await task
-    finished = sender in done and not sender.cancelled() and sender.exception() is None
-    if not finished and job.cancel_on_disconnect:
-        await _cancel_if_abandoned(runtime, job)
+    return sender in done and not sender.cancelled() and sender.exception() is None
 
 
 async def _send_events(websocket: WebSocket, runtime: Runtime, job: Job, start: int) -> None:

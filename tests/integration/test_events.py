@@ -86,6 +86,19 @@ async def test_follow_from_a_sequence_number_resumes_exactly(
     assert [e.seq for e in events] == [4, 5, 6]
 
 
+@pytest.mark.parametrize("after", [3, 7, 2**31 - 1])
+async def test_follow_resumed_at_or_past_the_final_event_ends_at_once(
+    runtime: Runtime, hub: EventHub, job_id: uuid.UUID, after: int
+) -> None:
+    """A client that has the final event already (or names a later one) gets nothing, at once."""
+    await _append(runtime, job_id, (EventType.TOKEN, {"text": "a"}))
+    await _append(runtime, job_id, (EventType.FINAL, {"status": "succeeded"}))
+    events = await asyncio.wait_for(
+        _collect(follow(hub, runtime.sessions, job_id, after=after)), timeout=10
+    )
+    assert events == []
+
+
 async def test_follow_survives_lost_notifications(runtime: Runtime, job_id: uuid.UUID) -> None:
     """With no LISTEN connection at all, followers still see every event by rechecking."""
     silent_hub = EventHub("postgresql://unused")  # never started: hears nothing

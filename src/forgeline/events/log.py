@@ -150,6 +150,20 @@ async def read_events(
     return [Event(seq, EventType(kind), data) for seq, kind, data in rows]
 
 
+async def ended_by(session: AsyncSession, job_id: uuid.UUID, seq: int) -> bool:
+    """Whether the job's final event has a sequence number of ``seq`` or less."""
+    found = await session.scalar(
+        select(JobEventRow.seq)
+        .where(
+            JobEventRow.job_id == job_id,
+            JobEventRow.type == EventType.FINAL.value,
+            JobEventRow.seq <= seq,
+        )
+        .limit(1)
+    )
+    return found is not None
+
+
 async def compact_finished(session: AsyncSession, *, older_than_s: float) -> int:
     """Delete all but the final event of jobs finished more than ``older_than_s`` ago.
 

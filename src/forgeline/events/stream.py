@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator
 
 from forgeline.db.engine import SessionFactory
 from forgeline.events.hub import EventHub
-from forgeline.events.log import read_events
+from forgeline.events.log import ended_by, read_events
 from forgeline.events.models import Event
 
 #: Page size when replaying from the table.
@@ -48,7 +48,11 @@ async def follow(
         while True:
             if subscription.interrupted:
                 raise StreamInterrupted(last)
-            if batch is None or (batch and batch[0].seq > last + 1):
+            if batch is None:
+                batch = await _read_all(sessions, job_id, after=last)
+                if not batch and await _ended_by(sessions, job_id, last):
+                    return  # resumed at or past the final event: nothing is to come
+            elif batch and batch[0].seq > last + 1:
                 batch = await _read_all(sessions, job_id, after=last)
             for event in batch:
                 if event.seq <= last:
@@ -58,6 +62,11 @@ async def follow(
                 if event.is_final:
                     return
             batch = await subscription.next(recheck_interval_s)
+
+
+async def _ended_by(sessions: SessionFactory, job_id: uuid.UUID, seq: int) -> bool:
+    async with sessions() as session:
+        return await ended_by(session, job_id, seq)
 
 
 async def _read_all(sessions: SessionFactory, job_id: uuid.UUID, *, after: int) -> list[Event]:

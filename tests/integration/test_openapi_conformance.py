@@ -8,6 +8,9 @@ valid input accepted.
 
 The server is uvicorn on a real socket (the event stream needs one), run in
 a thread with its own event loop, since schemathesis calls it synchronously.
+A finished job is seeded, and half the valid requests naming a job name it,
+so reading, cancelling and streaming a real job are checked too (its stream
+ends, being finished); the other half name jobs that do not exist.
 """
 
 from __future__ import annotations
@@ -16,30 +19,44 @@ import asyncio
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 import uvicorn
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
 
 from forgeline.api.app import create_app
+from forgeline.api.openapi import API_KEY_SCHEME
 from forgeline.runtime import Runtime
 from forgeline.settings import Settings, get_settings
 from tests.support.auth import ADMIN_KEY, AUTH, SECRET_KEY
 from tests.support.postgres import DatabaseFactory
 from tests.support.processes import free_port
 
+JOBS = "/api/v1/jobs"
 #: Generated cases per operation and phase: enough to reach odd input, bounded in time.
 MAX_EXAMPLES = 30
 #: Longest the server may take to start or stop.
 SERVER_DEADLINE_S = 30.0
 
+#: Longest one request may take: a stream that does not end fails the test.
+REQUEST_TIMEOUT_S = 20.0
+
 CONFIG = schemathesis.Config.from_dict(
     {
         "seed": 20261123,
-        "headers": AUTH,
+        # Through the document's security scheme, so the check that the API
+        # refuses a request without a valid key can take it away.
+        "auth": {"openapi": {API_KEY_SCHEME: {"bearer": ADMIN_KEY}}},
+        "request-timeout": REQUEST_TIMEOUT_S,
         "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True},
     }
 )
+#: The id of the finished job the server fixture seeds, for the hook below.
+SEEDED: dict[str, str] = {}
 
 
 class ThreadedServer:
@@ -115,13 +132,40 @@ def server(
             max_active_jobs_per_key=100000,
         )
     with ThreadedServer(settings) as running:
+        SEEDED["job_id"] = _finished_job(running.url)
         yield running
+        SEEDED.clear()
+
+
+def _finished_job(url: str) -> str:
+    """A job that has reached its end (cancelled while queued; no worker runs here)."""
+    with httpx.Client(base_url=url, headers=AUTH, timeout=REQUEST_TIMEOUT_S) as client:
+        submitted = client.post(JOBS, json={"pipeline": "echo", "input": {"text": "hello"}})
+        job_id: str = submitted.raise_for_status().json()["id"]
+        cancelled = client.post(f"{JOBS}/{job_id}/cancel").raise_for_status().json()
+    assert cancelled["status"] == "cancelled"
+    return job_id
 
 
 # The document does not depend on settings: build it from the defaults.
 schema = schemathesis.openapi.from_dict(
     create_app(Settings.model_construct()).openapi(), config=CONFIG
 )
+
+
+@schema.hook
+def flatmap_case(context: schemathesis.HookContext, case: schemathesis.Case) -> Any:
+    """Half of the valid requests naming a job name the seeded one instead."""
+    mode = case.meta.generation.mode if case.meta is not None else None
+    if mode is not GenerationMode.POSITIVE or "job_id" not in (case.path_parameters or {}):
+        return st.just(case)
+
+    def seeded(use_seeded: bool) -> schemathesis.Case:
+        if use_seeded:
+            case.path_parameters = {**case.path_parameters, "job_id": SEEDED["job_id"]}
+        return case
+
+    return st.booleans().map(seeded)
 
 
 @schema.parametrize()

@@ -17,6 +17,8 @@ from fastapi.openapi.utils import get_openapi
 from forgeline.api.schemas import ErrorEnvelope
 from forgeline.pipelines.registry import PipelineRegistry
 
+#: The name of the API key in the document's security schemes.
+API_KEY_SCHEME = "apiKey"
 #: Where FastAPI puts request and response schemas.
 COMPONENTS = "#/components/schemas/{model}"
 
@@ -42,10 +44,25 @@ def install_openapi(app: FastAPI, pipelines: Callable[[], PipelineRegistry]) -> 
                 routes=app.routes,
             )
             describe_job_inputs(document, pipelines())
+            require_api_key(document)
             app.openapi_schema = document
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def require_api_key(document: dict[str, Any]) -> None:
+    """Declare the bearer API key that every ``/api/`` operation needs (else 401)."""
+    components = document.setdefault("components", {})
+    components.setdefault("securitySchemes", {})[API_KEY_SCHEME] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key: 'Authorization: Bearer fl_...'.",
+    }
+    for path, operations in document.get("paths", {}).items():
+        if path.startswith("/api/"):
+            for operation in operations.values():
+                operation["security"] = [{API_KEY_SCHEME: []}]
 
 
 def describe_job_inputs(document: dict[str, Any], pipelines: PipelineRegistry) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import IntegrityError
 
 from forgeline.db.engine import SessionFactory
 from forgeline.db.tables import ApiKeyRow
@@ -137,7 +138,11 @@ class KeyService:
                     f"FORGELINE_ADMIN_KEY: another key with prefix {prefix} is stored"
                 )
             return ApiKey.from_row(row)
-        return await self._store(token, name, admin=admin)
+        try:
+            return await self._store(token, name, admin=admin)
+        except IntegrityError:
+            # Another replica starting at the same moment registered it first.
+            return await self.register(token, name, admin=admin)
 
     async def _store(self, token: str, name: str, *, admin: bool) -> ApiKey:
         async with self.sessions.begin() as session:

@@ -212,3 +212,13 @@ async def test_server_owned_fields_are_refused(
     assert response.status_code == 422
     assert response.json()["error"]["details"][0]["loc"][-1] == name
     assert (await app_client.get(JOBS, headers=bearer(ADMIN_KEY))).json()["items"] == []
+
+
+async def test_replicas_registering_the_same_admin_key_at_once_agree(runtime: Runtime) -> None:
+    """FORGELINE_ADMIN_KEY registered by several starting replicas at once: one row, no error."""
+    token = "fl_0a0b0c0d_" + "r" * 43
+    registered = await asyncio.gather(
+        *(runtime.keys.register(token, "injected", admin=True) for _ in range(5))
+    )
+    assert len({key.id for key in registered}) == 1
+    assert [k.prefix for k in await runtime.keys.list()].count("fl_0a0b0c0d") == 1

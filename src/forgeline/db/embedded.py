@@ -24,7 +24,13 @@ def start_embedded_postgres(data_dir: Path) -> str:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; harmless here.
         warnings.simplefilter("ignore")
-        import pgserver
+        try:
+            import pgserver
+        except ImportError:
+            raise ConfigurationError(
+                "FORGELINE_DATABASE_URL: required here (this installation has no embedded "
+                "PostgreSQL; install the pgserver package to have one)"
+            ) from None
 
     pgdata = data_dir / "postgres"
     try:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import re
+import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from psycopg import sql
 
 from tests.acceptance.conftest import EnvFactory, ProcessFactory
+from tests.support.auth import ADMIN_KEY
 from tests.support.openai_server import OpenAIServer
 from tests.support.postgres import DatabaseFactory
 from tests.support.processes import free_port, run_cli
@@ -164,7 +168,9 @@ def test_generate_against_a_running_server_prints_the_story(
     """`forgeline generate PROMPT --url URL` prints the story the model wrote, verbatim."""
     serve = start_forgeline("serve")
 
-    result = run_cli(["generate", PROMPT, "--url", serve.url], forgeline_environ())
+    result = run_cli(
+        ["generate", PROMPT, "--url", serve.url, "--key", ADMIN_KEY], forgeline_environ()
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert PROMPT in openai_server.replies[-1]
@@ -191,3 +197,41 @@ def test_generate_with_a_wrong_url_fails_clearly(forgeline_environ: EnvFactory) 
     assert result.returncode == 1
     assert_no_traceback(result)
     assert f"cannot reach forgeline at {url}" in result.stderr
+
+
+@pytest.mark.slow
+def test_embedded_defaults_make_a_local_admin_key_shown_once(
+    start_forgeline: ProcessFactory, forgeline_environ: EnvFactory, tmp_path: Path
+) -> None:
+    """First start on the embedded database: an admin key, printed once, kept 0600; the
+    keys command then works on that data directory with no server running."""
+    embedded = {"database_url": None, "admin_key": None, "secret_key": None}
+    first = start_forgeline("serve", **embedded)
+    key_file = tmp_path / "data" / "admin_key"
+    key = key_file.read_text().strip()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key in first.output()
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(f"{first.url}/api/v1/jobs", headers=headers, timeout=5).status_code == 200
+    assert httpx.get(f"{first.url}/api/v1/jobs", timeout=5).status_code == 401
+    assert first.stop() == 0
+
+    second = start_forgeline("serve", **embedded)
+    assert second.stop() == 0
+    assert key not in second.output()
+    assert "admin API key" not in second.output()
+
+    env = forgeline_environ(**embedded)
+    made = run_cli(["keys", "create", "writer", "--quiet"], env)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert re.fullmatch(r"fl_[0-9a-f]{8}_[A-Za-z0-9_-]{43}", token)
+    listed = run_cli(["keys", "list"], env)
+    assert "writer" in listed.stdout
+    assert "local-admin" in listed.stdout
+    assert token not in listed.stdout
+    revoked = run_cli(["keys", "revoke", token[:11]], env)
+    assert revoked.returncode == 0, revoked.stderr
+    unknown = run_cli(["keys", "revoke", "fl_00000000"], env)
+    assert unknown.returncode == 1
+    assert "no key" in unknown.stderr

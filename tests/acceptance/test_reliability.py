@@ -38,7 +38,7 @@ from forgeline.jobs.models import JobStatus
 from forgeline.runtime import Runtime
 from forgeline.settings import Settings
 from tests.conftest import FAST_TIMINGS
-from tests.support.auth import AUTH
+from tests.support.auth import ADMIN_KEY, AUTH
 from tests.support.pipelines import (
     ArtifactInput,
     artifact_body,
@@ -695,7 +695,12 @@ async def test_cancel_of_a_finished_job_is_a_conflict(
 ) -> None:
     """Cancelling a finished job raises ConflictError in the service and is 409 at the API."""
     cluster = await make_cluster(**FAST_TIMINGS)
-    job_id = await cluster.submit("echo", text="done")
+    admin = await cluster.runtime.keys.authenticate(ADMIN_KEY)
+    assert admin is not None
+    submitted = await cluster.runtime.jobs.submit(
+        owner=admin.owner, pipeline="echo", job_input={"text": "done"}
+    )
+    job_id = submitted.job.id
     stop = asyncio.Event()
     worker = asyncio.create_task(cluster.runtime.run_worker(stop))
     try:
@@ -706,7 +711,7 @@ async def test_cancel_of_a_finished_job_is_a_conflict(
     assert await cluster.status(job_id) == "succeeded"
 
     with pytest.raises(ConflictError, match="already succeeded"):
-        await cluster.runtime.jobs.cancel(job_id, owner=None)
+        await cluster.runtime.jobs.cancel(job_id, owner=admin.owner)
     app = create_app(cluster.settings, runtime=cluster.runtime)
     async with httpx.AsyncClient(
         headers=AUTH, transport=httpx.ASGITransport(app=app), base_url="http://forgeline.test"

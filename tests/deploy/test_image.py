@@ -21,8 +21,9 @@ pytestmark = pytest.mark.slow
 #: Regression guard on the uncompressed size. The issue's target is 250 MB;
 #: numpy (54 MB with OpenBLAS, for the built-in model), the openai SDK (30 MB)
 #: and the built-in model's weights (16 MB with forgeline) keep the image
-#: above it on a 130 MB python base.
-SIZE_LIMIT_MB = 360
+#: above it on a 130 MB python base, and the rate limiter, metrics and
+#: telemetry hooks add a little more (374 MB measured).
+SIZE_LIMIT_MB = 400
 #: How the deploy files run forgeline: every container hardened the same way.
 HARDENED = (
     "--read-only",

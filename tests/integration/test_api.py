@@ -600,3 +600,20 @@ async def test_echo_job_runs_end_to_end_in_process(
     assert final["started_at"] is not None
     assert final["finished_at"] is not None
     error_of(await client.post(f"{JOBS}/{job['id']}/cancel"), 409, "conflict")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (JOBS, {"pipeline": "echo", "input": {"text": "nul \u0000 inside"}}),
+        ("/api/v1/admin/keys", {"name": "nul\u0000name"}),
+    ],
+)
+async def test_values_the_database_cannot_store_are_422(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any]
+) -> None:
+    """A NUL character passes JSON validation but not PostgreSQL: 422, never 500."""
+    response = await client.post(path, json=body)
+
+    assert response.status_code == 422
+    assert "NUL" in response.json()["error"]["message"]

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from procrastinate.exceptions import ConnectorException
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 
 from forgeline import errors
@@ -89,6 +89,16 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+async def _unstorable_input(request: Request, exc: Exception) -> JSONResponse:
+    # PostgreSQL refuses some values that pass JSON validation, chiefly NUL
+    # characters (\u0000) in text and JSON: the caller's input, not our fault.
+    logger.info("input refused by the database", action="data_error", error=type(exc).__name__)
+    return error_response(
+        422, "invalid_request", "the request holds a value the database cannot store "
+        "(for example a NUL character, \\u0000)",
+    )  # fmt: skip
+
+
 async def _dependency_down(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("database unavailable", action="database_unavailable", error=type(exc).__name__)
     return error_response(
@@ -108,6 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     # The database or the queue's connection failed: the client may retry.
+    app.add_exception_handler(DataError, _unstorable_input)
     app.add_exception_handler(OperationalError, _dependency_down)
     app.add_exception_handler(InterfaceError, _dependency_down)
     app.add_exception_handler(ConnectorException, _dependency_down)

@@ -25,6 +25,8 @@ QUEUE_NAME = "forgeline"
 #: Wait before delivering again a job whose delivery lost the database.
 DATABASE_RETRY_DELAY_S = 5.0
 TASK_NAME = "forgeline.run_job"
+#: Longest the queue's pool keeps retrying one connection before starting over.
+RECONNECT_TIMEOUT_S = 30.0
 
 
 class RetryLater(Exception):
@@ -64,7 +66,16 @@ class RunnerRetryStrategy(BaseRetryStrategy):
 
 def create_queue_app(conninfo: str, *, pool_size: int = 10) -> App:
     """A Procrastinate app on ``conninfo``; open it with ``open_async`` before use."""
-    connector = PsycopgConnector(conninfo=conninfo, min_size=1, max_size=pool_size)
+    connector = PsycopgConnector(
+        conninfo=conninfo,
+        min_size=1,
+        max_size=pool_size,
+        # psycopg_pool doubles its wait between reconnection attempts up to this
+        # timeout (default 5 min): after a two-minute outage the next attempt
+        # could be two minutes away. Giving up after 30 s and starting a fresh
+        # series when a connection is next needed keeps the wait short.
+        reconnect_timeout=RECONNECT_TIMEOUT_S,
+    )
     return App(connector=connector)
 
 

@@ -51,6 +51,8 @@ logger = structlog.get_logger("forgeline.runtime")
 
 #: Pause before restarting a queue worker that died (e.g. database restart).
 WORKER_RESTART_DELAY_S = 2.0
+#: Beyond the drain timeout, how long a stopping worker may take to wind down.
+DRAIN_SLACK_S = 3.0
 #: How often a worker deletes the streamed detail of long-finished jobs.
 COMPACTION_INTERVAL_S = 300.0
 
@@ -274,6 +276,12 @@ class Runtime:
                     "worker draining", action="worker_drain", timeout_s=settings.drain_timeout_s
                 )
                 worker.cancel()  # Procrastinate turns this into a graceful stop
+                # Its housekeeping (heartbeats, fetching) may be waiting for a pooled
+                # connection after an outage; the drain budget bounds the wait.
+                await asyncio.wait({worker}, timeout=settings.drain_timeout_s + DRAIN_SLACK_S)
+                if not worker.done():
+                    logger.warning("worker did not stop in time; forcing", action="worker_force")
+                    worker.cancel()  # a second cancellation stops it at once
             try:
                 await worker
             except asyncio.CancelledError:

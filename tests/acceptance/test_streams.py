@@ -570,7 +570,7 @@ async def readiness(client: httpx.AsyncClient, base_url: str) -> str:
     """
     try:
         response = await client.get(f"{base_url}/readyz", timeout=2)
-    except (httpx.ConnectError, httpx.RemoteProtocolError):
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
         return "refused"
     return str(response.status_code)
 

@@ -45,14 +45,7 @@ class KeyOut(BaseModel):
 
     @classmethod
     def from_key(cls, key: ApiKey) -> KeyOut:
-        return cls(
-            id=key.id,
-            name=key.name,
-            prefix=key.prefix,
-            admin=key.admin,
-            created_at=key.created_at,
-            revoked_at=key.revoked_at,
-        )
+        return cls.model_validate(key, from_attributes=True)
 
 
 class NewKeyOut(KeyOut):

@@ -29,7 +29,7 @@ class KeyCreate(BaseModel):
     # strict: an admin flag of 1 or "yes" is refused, not read as true.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(min_length=1, max_length=100, examples=["blog-writer"])
+    name: str = Field(min_length=1, max_length=100, pattern=r"\S", examples=["blog-writer"])
     admin: bool = False
 
 

@@ -163,7 +163,9 @@ class Runtime:
         pipelines = load_pipelines(settings.pipelines)
         storage = ObjectStorage(settings.effective_storage_url)
         conninfo = await resolve_database(settings)
-        engine = create_engine(conninfo, pool_size=settings.db_pool_size)
+        engine = create_engine(
+            conninfo, pool_size=settings.db_pool_size, pool_timeout_s=settings.db_pool_timeout_s
+        )
         try:
             # Fail fast and in one line, rather than in a pool's 30 s timeout.
             await check_reachable(engine)

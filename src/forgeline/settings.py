@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=_default_data_dir)
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    db_pool_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for a free database connection before a request gets 503.",
+    )
     auto_migrate: bool | None = Field(
         default=None,
         description="Apply migrations at start. Default: on for the embedded database only.",

@@ -326,3 +326,28 @@ async def test_open_streams_per_key_are_capped(make_server: ClientFactory) -> No
         second = await client.get(f"{JOBS}/{job['id']}/events")
         assert second.status_code == 429
         assert second.json()["error"]["code"] == "rate_limited"
+
+
+async def test_every_database_connection_busy_is_503_then_served(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Overload is the server's 503 with Retry-After, never a 500; a freed connection serves."""
+    runtime = await Runtime.start(make_settings(db_pool_size=1, db_pool_timeout_s=0.2))
+    app = create_app(runtime.settings, runtime=runtime)
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://forgeline.test", headers=AUTH
+        ) as client:
+            # The pool's one connection and its one overflow, both held.
+            async with runtime.engine.connect(), runtime.engine.connect():
+                busy = await client.post(JOBS, json={"pipeline": "echo", "input": {}})
+            assert busy.status_code == 503
+            assert busy.headers["Retry-After"] == "1"
+            assert busy.json()["error"]["code"] == "server_busy"
+
+            served = await client.post(JOBS, json={"pipeline": "echo", "input": {}})
+            assert served.status_code == 201
+            assert len((await client.get(JOBS)).json()["items"]) == 1
+    finally:
+        await runtime.close()

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from procrastinate.exceptions import ConnectorException
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 
 from forgeline import errors
@@ -107,6 +108,14 @@ async def _dependency_down(request: Request, exc: Exception) -> JSONResponse:
     )  # fmt: skip
 
 
+async def _pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("no free database connection", action="pool_exhausted")
+    return error_response(
+        503, "server_busy", "the server is at capacity; try again shortly",
+        headers={"Retry-After": "1"},
+    )  # fmt: skip
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error", action="error")
     return error_response(500, "internal_error", "internal error")
@@ -122,4 +131,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OperationalError, _dependency_down)
     app.add_exception_handler(InterfaceError, _dependency_down)
     app.add_exception_handler(ConnectorException, _dependency_down)
+    # Every pooled connection stayed busy for the pool's timeout: overload.
+    app.add_exception_handler(PoolTimeoutError, _pool_exhausted)
     app.add_exception_handler(Exception, _unexpected)

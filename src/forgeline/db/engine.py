@@ -22,7 +22,9 @@ def sqlalchemy_url(conninfo: str) -> str:
     return f"postgresql+psycopg://{rest}"
 
 
-def create_engine(conninfo: str, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(
+    conninfo: str, *, pool_size: int = 10, pool_timeout_s: float = 10.0
+) -> AsyncEngine:
     """An async engine whose pool checks connections before use.
 
     ``pool_pre_ping`` lets the service ride out a database restart: a dead
@@ -33,7 +35,7 @@ def create_engine(conninfo: str, *, pool_size: int = 10) -> AsyncEngine:
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
-        pool_timeout=10,
+        pool_timeout=pool_timeout_s,
         connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
     )
 

@@ -61,6 +61,12 @@ async def append_events(
     return appended
 
 
+async def start_log(session: AsyncSession, job_id: uuid.UUID, events: Sequence[EventSpec]) -> None:
+    """Write a new job's first events, its row having been inserted with
+    ``event_seq = len(events)`` in this transaction (no counter to bump)."""
+    await _insert(session, {job_id: _numbered(len(events), events)})
+
+
 async def append_many(
     session: AsyncSession, batches: Mapping[uuid.UUID, Sequence[EventSpec]]
 ) -> dict[uuid.UUID, list[Event]]:

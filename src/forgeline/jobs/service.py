@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from forgeline.db.engine import AsyncSession, SessionFactory
 from forgeline.db.tables import ArtifactRow, JobRow, UsageRow
 from forgeline.errors import ConflictError, InvalidInputError, NotFoundError, RateLimitedError
-from forgeline.events.log import append_events, compact_finished, final_event
+from forgeline.events.log import append_events, compact_finished, final_event, start_log
 from forgeline.events.models import EventType
 from forgeline.jobs import queue
 from forgeline.jobs.models import Artifact, Job, JobError, JobStatus
@@ -76,8 +76,11 @@ class Quota:
     async def enforce(self, session: AsyncSession, owner: str) -> None:
         """Refuse a job over the owner's limits, in the submitting transaction.
 
-        Submissions of one owner are serialised by an advisory lock, so two
-        concurrent requests cannot both take the last free slot.
+        Call it last, once the new job's row is written: submissions of one
+        owner are serialised by an advisory lock, held from here to the
+        commit, and the count after taking it sees every job committed
+        before plus this one, so two concurrent requests cannot both take
+        the last free slot.
         """
         await session.execute(
             text("SELECT pg_advisory_xact_lock(hashtextextended(:owner, 1))"), {"owner": owner}
@@ -87,10 +90,10 @@ class Quota:
             .select_from(JobRow)
             .where(JobRow.owner == owner, JobRow.status.in_(ACTIVE_STATUSES))
         )
-        if int(active or 0) >= self.max_active_jobs:
+        if int(active or 0) > self.max_active_jobs:
             raise RateLimitedError(
-                f"this key already has {active} queued or running jobs (the cap is "
-                f"{self.max_active_jobs}); wait for one to finish",
+                f"this key already has {int(active or 0) - 1} queued or running jobs (the cap "
+                f"is {self.max_active_jobs}); wait for one to finish",
                 retry_after_s=5,
             )
         if self.daily_tokens:
@@ -151,8 +154,12 @@ class JobService:
         job_id = uuid.uuid4()
         try:
             async with self.sessions.begin() as session:
-                if quota is not None and owner is not None:
-                    await quota.enforce(session, owner)
+                queued = [(EventType.STATUS, {"status": JobStatus.QUEUED.value})]
+                # Queue row, job row and first event in one transaction: a
+                # worker sees the job only once all three are committed.
+                queue_job_id = await queue.defer(
+                    self.queue_app, job_id, await _driver_connection(session)
+                )
                 row = JobRow(
                     id=job_id,
                     pipeline=pipeline,
@@ -165,15 +172,14 @@ class JobService:
                     idempotency_key=idempotency_key,
                     request_hash=request_hash,
                     cancel_on_disconnect=cancel_on_disconnect,
+                    queue_job_id=queue_job_id,
+                    event_seq=len(queued),
                 )
                 session.add(row)
                 await session.flush()
-                await append_events(
-                    session, job_id, [(EventType.STATUS, {"status": JobStatus.QUEUED.value})]
-                )
-                row.queue_job_id = await queue.defer(
-                    self.queue_app, job_id, await _driver_connection(session)
-                )
+                await start_log(session, job_id, queued)
+                if quota is not None and owner is not None:
+                    await quota.enforce(session, owner)
         except IntegrityError:
             # Another request with the same key won the race; answer as it did.
             if idempotency_key is None:

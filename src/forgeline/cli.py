@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 import uvicorn
@@ -34,6 +34,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 #: On shutdown, how long in-flight HTTP requests may take to finish.
 HTTP_DRAIN_S = 5
+
+T = TypeVar("T")
 
 HostOption = Annotated[str | None, typer.Option(help="Interface to listen on.")]
 PortOption = Annotated[int | None, typer.Option(help="Port to listen on.")]
@@ -65,9 +67,23 @@ def _exit_status(exc: ForgelineError) -> int:
     return 2 if isinstance(exc, ConfigurationError) else 1
 
 
+def _run_server(main: Coroutine[Any, Any, T]) -> T:
+    """Run a long-lived process's ``main`` on uvloop where it is installed.
+
+    uvloop spends about half the CPU of asyncio's own loop on the socket
+    work that streaming is made of; without it (Windows), asyncio's loop.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def _serve(settings: Settings, *, with_worker: bool) -> None:
     try:
-        started = asyncio.run(_serve_async(settings, with_worker=with_worker))
+        started = _run_server(_serve_async(settings, with_worker=with_worker))
     except ForgelineError as exc:
         raise _fail(exc.message, _exit_status(exc)) from None
     if not started:
@@ -154,7 +170,7 @@ def worker(
     """Run a worker only (scale it on queue depth)."""
     settings = _settings(worker_concurrency=concurrency)
     try:
-        asyncio.run(_run_worker(settings))
+        _run_server(_run_worker(settings))
     except ForgelineError as exc:
         raise _fail(exc.message, _exit_status(exc)) from None
 

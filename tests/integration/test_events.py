@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from forgeline.db.tables import JobRow
@@ -169,6 +169,29 @@ async def test_emitter_batches_tokens_in_order(runtime: Runtime, job_id: uuid.UU
     progress_at = next(i for i, e in enumerate(events) if e.type is EventType.PROGRESS)
     before = "".join(e.data["text"] for e in events[:progress_at] if e.type is EventType.TOKEN)
     assert before == "".join(pieces[:251])
+
+
+async def test_progress_is_written_in_order_and_stored_on_the_running_job(
+    runtime: Runtime, job_id: uuid.UUID
+) -> None:
+    """Queued progress follows the text before it and lands on the job's row in the same write."""
+    async with runtime.sessions.begin() as session:
+        await session.execute(update(JobRow).where(JobRow.id == job_id).values(status="running"))
+    writer = EventWriter(runtime.sessions, flush_interval_s=0.05)
+    async with writer.emitter(job_id) as emitter:
+        for index in range(300):
+            await emitter.token(f"{index} ")
+            if index in (99, 199):
+                await emitter.progress((index + 1) / 300)
+    async with runtime.sessions() as session:
+        events = await read_events(session, job_id, after=1)
+        stored = await session.scalar(select(JobRow.progress).where(JobRow.id == job_id))
+    assert stored == pytest.approx(200 / 300)
+    marks = [i for i, e in enumerate(events) if e.type is EventType.PROGRESS]
+    assert [events[i].data["fraction"] for i in marks] == [0.3333, 0.6667]
+    for mark, last in zip(marks, (99, 199), strict=True):
+        text = "".join(e.data["text"] for e in events[:mark] if e.type is EventType.TOKEN)
+        assert text == "".join(f"{i} " for i in range(last + 1))
 
 
 async def test_emitter_flushes_a_pause_within_the_interval(

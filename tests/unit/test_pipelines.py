@@ -61,6 +61,9 @@ class RecordingSink:
     async def token(self, text: str) -> None:
         self.received.append(("token", text))
 
+    async def progress(self, fraction: float) -> None:
+        self.received.append(("progress", fraction))
+
     async def emit(self, kind: EventType, data: dict[str, Any]) -> None:
         self.received.append((kind.value, data))
 

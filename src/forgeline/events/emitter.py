@@ -7,9 +7,10 @@ streams. So each worker process has one ``EventWriter``: every job's
 ``EventEmitter`` queues its deltas there, and the writer flushes all jobs
 together, at most every ``flush_interval_s``, in one transaction with a few
 notifications. The first delta after a quiet spell is written at once, so
-a stream's first token does not wait for a tick. Any other event first
-flushes the tokens queued before it, so order holds, and returns only once
-it is committed.
+a stream's first token does not wait for a tick. Progress is queued the same
+way, and the job's row takes the fraction in the same transaction. Any other
+event first flushes the tokens queued before it, so order holds, and returns
+only once it is committed.
 
 A failed flush loses that flush's events for the jobs in it; each of their
 emitters then raises the error on its next call, so the attempt fails and
@@ -27,7 +28,7 @@ from typing import Any
 import structlog
 
 from forgeline.db.engine import SessionFactory
-from forgeline.events.log import EventSpec, append_many
+from forgeline.events.log import EventSpec, append_many, set_progress_many
 from forgeline.events.models import EventType
 
 logger = structlog.get_logger("forgeline.events")
@@ -42,6 +43,7 @@ class EventEmitter:
         self._tokens: list[str] = []
         self._token_chars = 0
         self._events: list[EventSpec] = []
+        self._fraction: float | None = None
         self._error: BaseException | None = None
 
     async def __aenter__(self) -> EventEmitter:
@@ -68,6 +70,14 @@ class EventEmitter:
         else:
             self.writer.mark_dirty(self)
 
+    async def progress(self, fraction: float) -> None:
+        """Queue a progress event; it is written, and stored on the job, with the next batch."""
+        self._raise_if_failed()
+        self._take_tokens()
+        self._events.append((EventType.PROGRESS, {"fraction": round(fraction, 4)}))
+        self._fraction = fraction
+        self.writer.mark_dirty(self)
+
     async def emit(self, kind: EventType, data: dict[str, Any]) -> None:
         """Write an event now, after any tokens queued before it."""
         self._raise_if_failed()
@@ -89,6 +99,11 @@ class EventEmitter:
         self._take_tokens()
         events, self._events = self._events, []
         return events
+
+    def take_progress(self) -> float | None:
+        """The latest progress queued since the last call, if any."""
+        fraction, self._fraction = self._fraction, None
+        return fraction
 
     def failed(self, error: BaseException) -> None:
         """A flush carrying this emitter's events failed."""
@@ -142,16 +157,21 @@ class EventWriter:
             self._last_flush = asyncio.get_running_loop().time()
             batches: dict[uuid.UUID, list[EventSpec]] = {}
             writers: dict[uuid.UUID, list[EventEmitter]] = {}
+            progress: dict[uuid.UUID, float] = {}
             for emitter in emitters:
                 if events := emitter.take():
                     batches.setdefault(emitter.job_id, []).extend(events)
                     writers.setdefault(emitter.job_id, []).append(emitter)
+                if (fraction := emitter.take_progress()) is not None:
+                    progress[emitter.job_id] = fraction
             if not batches:
                 return
             error: Exception | None = None
             try:
                 async with self.sessions.begin() as session:
                     written = await append_many(session, batches)
+                    if progress:
+                        await set_progress_many(session, progress)
             except Exception as exc:
                 logger.warning("event flush failed", action="event_flush_failed", jobs=len(batches))
                 written, error = {}, exc

@@ -44,6 +44,13 @@ _NOTIFY_MANY = text(
     "SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"
 )
 
+#: Running jobs' progress, many at once (a finished job keeps its own).
+_SET_PROGRESS = text(
+    "UPDATE jobs SET progress = p.fraction"
+    " FROM unnest(CAST(:ids AS uuid[]), CAST(:fractions AS float8[])) AS p(id, fraction)"
+    " WHERE jobs.id = p.id AND jobs.status = 'running'"
+)
+
 EventSpec = tuple[EventType, dict[str, Any]]
 
 
@@ -82,6 +89,13 @@ async def append_many(
     appended = {job_id: _numbered(int(last), batches[job_id]) for job_id, last in reserved}
     await _insert(session, appended)
     return appended
+
+
+async def set_progress_many(session: AsyncSession, progress: Mapping[uuid.UUID, float]) -> None:
+    """Store each running job's progress fraction, in the caller's transaction."""
+    await session.execute(
+        _SET_PROGRESS, {"ids": list(progress), "fractions": list(progress.values())}
+    )
 
 
 def _numbered(last: int, events: Sequence[EventSpec]) -> list[Event]:

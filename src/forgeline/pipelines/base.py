@@ -26,6 +26,9 @@ class EventSink(Protocol):
     async def token(self, text: str) -> None:
         """Queue generated text for the stream."""
 
+    async def progress(self, fraction: float) -> None:
+        """Queue how far the job has come (0 to 1), after any queued text."""
+
     async def emit(self, kind: EventType, data: dict[str, Any]) -> None:
         """Write an event now, after any queued text."""
 
@@ -59,9 +62,11 @@ class PipelineContext:
     async def progress(self, fraction: float) -> None:
         """Report progress between 0 and 1."""
         fraction = min(max(fraction, 0.0), 1.0)
-        await self.recorder.set_progress(self.job_id, fraction)
         if self.events is not None:
-            await self.events.emit(EventType.PROGRESS, {"fraction": round(fraction, 4)})
+            # Queued with the stream's text: the generation does not wait on it.
+            await self.events.progress(fraction)
+        else:
+            await self.recorder.set_progress(self.job_id, fraction)
 
     async def token(self, text: str) -> None:
         """Stream generated text to the job's followers (batched, in order)."""

@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         "--db-pool-size", type=int, default=10, help="FORGELINE_DB_POOL_SIZE of api and worker"
     )
     parser.add_argument(
+        "--workers", type=int, default=1, help="forgeline worker processes sharing the queue"
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--tokens: must be within the story pipeline's max_tokens (1 to 4096)")
     if args.tokens_per_second <= 0:
         parser.error("--tokens-per-second: must be positive")
+    if args.workers < 1:
+        parser.error("--workers: give at least 1")
 
     info = machine_info(args.admin_url)
     # The subprocesses inherit it: a prototype tree on PYTHONPATH is what runs.
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"PYTHONPATH  {info['pythonpath']} (forgeline imported from there, not the checkout)")
     print(
         f"load        {args.tokens} tokens per reply at {args.tokens_per_second:g} tokens/s per "
-        f"stream; clients {', '.join(map(str, counts))}; db pool {args.db_pool_size}; "
+        f"stream; clients {', '.join(map(str, counts))}; workers {args.workers}; "
+        f"db pool {args.db_pool_size}; "
         f"log level {args.log_level}"
     )
     waited = wait_for_quiet(args.max_load, args.load_wait_s)
@@ -216,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             "tokens_per_second": args.tokens_per_second,
             "clients": counts,
             "db_pool_size": args.db_pool_size,
+            "workers": args.workers,
             "log_level": args.log_level,
             "load_average": {"start": list(load_start), "end": list(load_end)},
             "wall_s": round(wall, 1),
@@ -282,23 +289,31 @@ def run_all(args: Any, counts: list[int], database_url: str, root: Path) -> list
         "db_pool_size": args.db_pool_size,
     }
     api = Forgeline(["api"], forgeline_env(**settings, port=api_port), root, port=api_port)
-    worker = Forgeline(["worker"], forgeline_env(**settings), root)
+    workers = [Forgeline(["worker"], forgeline_env(**settings), root) for _ in range(args.workers)]
     try:
         _wait_for_model_server(model, model_url)
         api.start()
-        worker.start()
+        for worker in workers:
+            worker.start()
         api.wait_ready()
         bench = Bench(
             model_url=model_url,
             api_url=api.url,
             database_url=database_url,
             tokens=args.tokens,
-            pids={"api": api.pid, "worker": worker.pid, "model_server": model.pid},
+            pids={
+                "api": api.pid,
+                **{
+                    "worker" if len(workers) == 1 else f"worker{i}": worker.pid
+                    for i, worker in enumerate(workers, 1)
+                },
+                "model_server": model.pid,
+            },
             timeout_s=args.timeout_s,
         )
         return asyncio.run(bench.run(counts, args.tokens_per_second))
     finally:
-        for process in (api, worker):
+        for process in (api, *workers):
             process.stop()
         model.terminate()
         try:

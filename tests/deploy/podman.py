@@ -10,6 +10,8 @@ rebuilt only when missing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -28,6 +30,8 @@ PYTHON_IMAGE = "localhost/python:3.11-slim-bookworm"
 UV_IMAGE = "localhost/uv:local"
 FORGELINE_IMAGE = "localhost/forgeline:test"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+#: Label of the stand-in server images: a digest of the files they are built from.
+SOURCE_LABEL = "org.forgeline.test.source"
 
 #: Folders of the debootstrapped root that no container needs.
 ROOTFS_TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "var/lib/apt/lists")
@@ -115,6 +119,11 @@ class Podman:
         """Uncompressed size of ``tag`` in bytes, as ``podman images`` reports it."""
         return int(self.run("image", "inspect", tag, "--format", "{{.Size}}").stdout.strip())
 
+    def image_label(self, tag: str, label: str) -> str:
+        """The value of one of ``tag``'s labels ("" when it has none)."""
+        labels = self.run("image", "inspect", tag, "--format", "{{json .Labels}}").stdout
+        return str((json.loads(labels) or {}).get(label, ""))
+
     def build(
         self,
         tag: str,
@@ -191,15 +200,23 @@ class Podman:
             self.build(UV_IMAGE, IMAGES_DIR / "uv.Containerfile", Path(context))
 
     def ensure_server_image(self, name: str) -> str:
-        """``localhost/NAME:bookworm`` from ``images/NAME.Containerfile`` (postgres, redis...)."""
-        self.ensure_debian()
+        """``localhost/NAME:bookworm`` from ``images/NAME.Containerfile`` (postgres, redis...).
+
+        Built on the local Debian image, or on the local Python image for a
+        server installed with pip (the S3 stand-in).
+        """
+        self.ensure_python()
         tag = f"localhost/{name}:bookworm"
-        if not self.has_image(tag):
+        # Rebuilt when its Containerfile or a file it copies (NAME-*) changed.
+        sources = sorted([IMAGES_DIR / f"{name}.Containerfile", *IMAGES_DIR.glob(f"{name}-*")])
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
+        if not self.has_image(tag) or self.image_label(tag, SOURCE_LABEL) != digest:
             self.build(
                 tag,
                 IMAGES_DIR / f"{name}.Containerfile",
                 IMAGES_DIR,
-                {"DEBIAN_IMAGE": DEBIAN_IMAGE},
+                {"DEBIAN_IMAGE": DEBIAN_IMAGE, "PYTHON_IMAGE": PYTHON_IMAGE},
+                [*ca_secret(), "--label", f"{SOURCE_LABEL}={digest}"],
             )
         return tag
 
@@ -207,15 +224,20 @@ class Podman:
         """Build deploy/Dockerfile on the local base images, as a user would."""
         self.ensure_python()
         self.ensure_uv()
-        extra: list[str] = []
-        ca_bundle = Path(os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"))
-        if ca_bundle.is_file():
-            # The machine's HTTPS proxy is trusted only through this bundle.
-            extra += ["--secret", f"id=ca,src={ca_bundle}"]
         return self.build(
             tag,
             REPO_ROOT / "deploy" / "Dockerfile",
             REPO_ROOT,
             {"PYTHON_IMAGE": PYTHON_IMAGE, "UV_IMAGE": UV_IMAGE},
-            extra,
+            ca_secret(),
         )
+
+
+def ca_secret() -> list[str]:
+    """``--secret id=ca,...`` with the machine's CA bundle, when it has one.
+
+    The machine's HTTPS proxy is trusted only through this bundle; a secret
+    mount is never written into a layer.
+    """
+    ca_bundle = Path(os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"))
+    return ["--secret", f"id=ca,src={ca_bundle}"] if ca_bundle.is_file() else []

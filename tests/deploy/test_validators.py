@@ -246,6 +246,7 @@ def test_shell_scripts_pass_shellcheck() -> None:
         DEPLOY / "cloudrun" / "deploy.sh",
         *sorted((DEPLOY / "backup").glob("*.sh")),
         DEPLOY / "nginx" / "switch-upstream.sh",
+        *sorted(repo_path("tests", "deploy", "images").glob("*.sh")),
         repo_path("scripts", "deploy-deps"),
     ]
     assert len(files) >= 4

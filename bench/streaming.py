@@ -160,6 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         "--workers", type=int, default=1, help="forgeline worker processes sharing the queue"
     )
     parser.add_argument(
+        "--keys",
+        type=int,
+        default=1,
+        help="API keys the clients take turns with (one key: every submit waits on its job cap)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -185,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--tokens-per-second: must be positive")
     if args.workers < 1:
         parser.error("--workers: give at least 1")
+    if args.keys < 1:
+        parser.error("--keys: give at least 1")
 
     info = machine_info(args.admin_url)
     # The subprocesses inherit it: a prototype tree on PYTHONPATH is what runs.
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"PYTHONPATH  {info['pythonpath']} (forgeline imported from there, not the checkout)")
     print(
         f"load        {args.tokens} tokens per reply at {args.tokens_per_second:g} tokens/s per "
-        f"stream; clients {', '.join(map(str, counts))}; workers {args.workers}; "
+        f"stream; clients {', '.join(map(str, counts))}; workers {args.workers}; keys {args.keys}; "
         f"db pool {args.db_pool_size}; "
         f"log level {args.log_level}"
     )
@@ -223,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             "clients": counts,
             "db_pool_size": args.db_pool_size,
             "workers": args.workers,
+            "keys": args.keys,
             "log_level": args.log_level,
             "load_average": {"start": list(load_start), "end": list(load_end)},
             "wall_s": round(wall, 1),
@@ -301,6 +310,7 @@ def run_all(args: Any, counts: list[int], database_url: str, root: Path) -> list
             api_url=api.url,
             database_url=database_url,
             tokens=args.tokens,
+            keys=args.keys,
             pids={
                 "api": api.pid,
                 **{
@@ -349,7 +359,11 @@ class Bench:
         tokens: int,
         pids: dict[str, int],
         timeout_s: float,
+        keys: int = 1,
     ) -> None:
+        self.keys = keys
+        #: Each client's headers, in turn (the benchmark's admin key, then made ones).
+        self.auth: list[dict[str, str]] = [AUTH]
         self.model_url = model_url
         self.api_url = api_url
         self.database_url = database_url
@@ -379,6 +393,7 @@ class Bench:
         await listener.execute(f"LISTEN {CHANNEL}")
         listening = asyncio.create_task(self._count_notifications(listener))
         try:
+            await self._make_keys()
             print("warm-up     one direct stream and one story job (not measured)", flush=True)
             warm = await asyncio.gather(
                 self._round(1, self._direct), self._round(1, self._through_forgeline)
@@ -397,6 +412,14 @@ class Bench:
             with contextlib.suppress(asyncio.CancelledError):
                 await listening
             await listener.close()
+
+    async def _make_keys(self) -> None:
+        """User keys for the clients beyond the first, made through the admin API."""
+        async with httpx.AsyncClient(base_url=self.api_url, headers=AUTH, timeout=30.0) as admin:
+            for number in range(1, self.keys):
+                response = await admin.post("/api/v1/admin/keys", json={"name": f"bench-{number}"})
+                response.raise_for_status()
+                self.auth.append({"Authorization": f"Bearer {response.json()['key']}"})
 
     async def _count_notifications(self, connection: psycopg.AsyncConnection[Any]) -> None:
         async for notification in connection.notifies():
@@ -481,9 +504,11 @@ class Bench:
         async with contextlib.AsyncExitStack() as stack:
             clients = [
                 await stack.enter_async_context(
-                    httpx.AsyncClient(base_url=base, timeout=timeout, headers=AUTH)
+                    httpx.AsyncClient(
+                        base_url=base, timeout=timeout, headers=self.auth[i % len(self.auth)]
+                    )
                 )
-                for _ in range(count)
+                for i in range(count)
             ]
             # Open the connections first, so TCP set-up is not counted as TTFT.
             await asyncio.gather(*(client.get(probe) for client in clients))

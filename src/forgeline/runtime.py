@@ -86,7 +86,7 @@ def build_backends(settings: Settings) -> dict[str, Backend]:
                 max_concurrency=settings.local_max_concurrency,
             )
         }
-    # Imported only when used: the SDK takes longer to import than the rest of forgeline.
+    # Imported only when used, as the other backends are.
     from forgeline.backends.openai_compat import OpenAICompatibleBackend
 
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None

@@ -72,6 +72,16 @@ async def test_stream_yields_the_pieces_in_order_then_usage(
     ]
 
 
+@pytest.mark.parametrize(("api_key", "header"), [("sk-test", "Bearer sk-test"), (None, None)])
+async def test_the_api_key_is_sent_only_when_set(
+    make_backend: BackendFactory, server: OpenAIServer, api_key: str | None, header: str | None
+) -> None:
+    """A key goes as a bearer token; without one (local servers) no Authorization is sent."""
+    await collect(make_backend(api_key=api_key), REQUEST)
+
+    assert server.authorization == header
+
+
 @pytest.mark.parametrize(
     ("request_", "text"),
     [
@@ -122,7 +132,7 @@ async def test_client_errors_are_not_retried(
     """A 400 or 404 raises a non-retryable BackendError after a single request."""
     server.fail_next(1, status=status)
 
-    with pytest.raises(BackendError, match=str(status)) as raised:
+    with pytest.raises(BackendError, match=f"answered {status}: failing on purpose") as raised:
         await collect(make_backend(max_retries=2), REQUEST)
 
     assert not isinstance(raised.value, BackendUnavailableError)

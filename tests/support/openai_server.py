@@ -71,9 +71,10 @@ class OpenAIServer:
     - ``cut_after``: close the connection after this many pieces, mid-stream.
 
     Records: ``request_count`` and ``requests`` (completion request bodies,
-    failed ones included), ``replies`` (the text of each reply sent, whole
-    or cut), ``active_streams`` and ``peak_streams`` (replies being sent at
-    once). Only the latest :data:`RECORDED` bodies and replies are kept.
+    failed ones included), ``authorization`` (the latest one's header),
+    ``replies`` (the text of each reply sent, whole or cut),
+    ``active_streams`` and ``peak_streams`` (replies being sent at once).
+    Only the latest :data:`RECORDED` bodies and replies are kept.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class OpenAIServer:
         self.requests: deque[dict[str, Any]] = deque(maxlen=RECORDED)
         self.replies: deque[str] = deque(maxlen=RECORDED)
         self.request_count = 0
+        self.authorization: str | None = None
         self.active_streams = 0
         self.peak_streams = 0
         self._failures_left = fail_first
@@ -201,6 +203,7 @@ class OpenAIServer:
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object")
         self.requests.append(body)
+        self.authorization = request.headers.get("authorization")
         self.request_count += 1
         with self._lock:
             failing = self._failures_left > 0
@@ -366,7 +369,7 @@ def _error(
     param: str | None = None,
     code: str | None = None,
 ) -> JSONResponse:
-    """An error in OpenAI's shape, which the SDK turns into ``APIStatusError``."""
+    """An error in OpenAI's shape: forgeline's backend quotes its ``message``."""
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
 

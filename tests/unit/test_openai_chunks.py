@@ -1,4 +1,4 @@
-"""Parsing the raw chat completion stream of an OpenAI-compatible server."""
+"""The OpenAI-compatible protocol without a server: requests, streamed chunks, errors."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from forgeline.backends.base import Delta, Usage
-from forgeline.backends.openai_compat import _parse_chunk, _sse_data
-from forgeline.errors import BackendError
+from forgeline.backends.base import Delta, GenerationRequest, Usage
+from forgeline.backends.openai_compat import (
+    _completion_body,
+    _parse_chunk,
+    _sse_data,
+    _status_error,
+)
+from forgeline.errors import BackendError, BackendUnavailableError
 
 URL = "http://model:8080/v1"
 
@@ -49,3 +54,61 @@ def test_a_malformed_chunk_is_a_backend_error(data: str) -> None:
     """Garbage from the server is reported as the server's fault, quoting it."""
     with pytest.raises(BackendError, match="malformed chunk"):
         _parse_chunk(data, URL)
+
+
+def test_the_request_body_leaves_unset_options_out() -> None:
+    """Options the request leaves unset are not sent, so the server's defaults apply."""
+    body = _completion_body("m", GenerationRequest(prompt="hi", max_tokens=7, temperature=0.5))
+
+    assert body == {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 7,
+        "temperature": 0.5,
+    }
+
+
+def test_the_request_body_carries_every_option_set() -> None:
+    """System prompt, seed, stop, top_p and top_k (vLLM's and Ollama's extension) are sent."""
+    request = GenerationRequest(
+        prompt="hi", system="be brief", seed=3, stop=("\n",), top_p=0.9, top_k=40
+    )
+
+    body = _completion_body("m", request)
+
+    assert body["messages"][0] == {"role": "system", "content": "be brief"}
+    assert (body["seed"], body["stop"], body["top_p"], body["top_k"]) == (3, ["\n"], 0.9, 40)
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        pytest.param('{"error": {"message": "no such model"}}', "no such model", id="openai"),
+        pytest.param('{"error": "no such model"}', "no such model", id="flat"),
+        pytest.param("<h1>Bad Gateway</h1>", "<h1>Bad Gateway</h1>", id="html"),
+    ],
+)
+def test_an_error_status_quotes_the_server(body: str, detail: str) -> None:
+    """An error answer names the URL, the status and the server's own message."""
+    error = _status_error(404, body, URL)
+
+    assert error.message == f"the model server at {URL} answered 404: {detail}"
+
+
+def test_an_error_body_is_shortened() -> None:
+    """A long error page is cut, so it cannot flood a job's error or the logs."""
+    error = _status_error(400, "x" * 10_000, URL)
+
+    assert len(error.message) < 600
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(429, True), (503, True), (400, False)])
+def test_only_rate_limits_and_server_trouble_are_retryable(status: int, retryable: bool) -> None:
+    """429 and 5xx become BackendUnavailableError (retried); other statuses are final."""
+    error = _status_error(status, "", URL)
+
+    assert isinstance(error, BackendUnavailableError) is retryable
+    assert error.retryable is retryable
+    assert error.message == f"the model server at {URL} answered {status}"

@@ -1,4 +1,4 @@
-"""A backend for any OpenAI-compatible server, on the official ``openai`` SDK.
+"""A backend for any OpenAI-compatible server, spoken over plain httpx.
 
 vLLM, Ollama, llama.cpp's server, TGI, OpenAI itself and Gemini's
 OpenAI-compatible endpoint all speak the chat completions protocol, so one
@@ -6,6 +6,11 @@ adapter serves them all. Requests are capped per process, and retried only
 before the first token: once text has streamed to a client, a silent retry
 would produce a different story, so the job's own retry (announced to
 clients) takes over instead.
+
+Two endpoints are all it takes (``POST chat/completions`` streamed as
+server-sent events, ``GET models``), so there is no SDK: the official one
+weighed more than the rest of the HTTP stack, and its typed chunks cost more
+CPU than a token's whole way to the client.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ import random
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
-import openai
+import httpx
 
+from forgeline import __version__
 from forgeline.backends.base import Backend, Delta, GenerationRequest, Usage
 from forgeline.errors import BackendError, BackendUnavailableError
 
 #: Status codes worth retrying: rate limited, or the server's own trouble.
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: Most characters of an error body quoted in a message.
+ERROR_BODY_CHARS = 500
 
 
 class OpenAICompatibleBackend(Backend):
@@ -49,71 +56,84 @@ class OpenAICompatibleBackend(Backend):
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self._slots = asyncio.Semaphore(max_concurrency)
-        # The SDK's own retries would also fire mid-stream; ours are explicit.
-        self._client = openai.AsyncOpenAI(
+        headers = {"User-Agent": f"forgeline/{__version__}"}
+        if api_key:  # local servers need none
+            headers["Authorization"] = f"Bearer {api_key}"
+        # base_url ends up with a trailing slash, so relative paths keep its
+        # own path (``.../v1`` + ``chat/completions``). The semaphore caps the
+        # streams; the pool only keeps their connections alive between them.
+        self._client = httpx.AsyncClient(
             base_url=base_url,
-            # Local servers ignore the key, but the SDK insists on one.
-            api_key=api_key or "not-needed",
-            timeout=openai.Timeout(timeout_s, connect=connect_timeout_s),
-            max_retries=0,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_concurrency),
+            follow_redirects=True,
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        async with self._slots, contextlib.AsyncExitStack() as stack:
-            response = await self._open_with_retries(stack, request)
+        async with self._slots:
+            response = await self._open_with_retries(request)
             try:
-                async for data in _sse_data(response.iter_lines()):
+                async for data in _sse_data(response.aiter_lines()):
                     if data == "[DONE]":
                         return
                     for delta in _parse_chunk(data, self.base_url):
                         yield delta
-            except httpx2.HTTPError as exc:
+            except httpx.HTTPError as exc:
                 raise BackendUnavailableError(
                     f"the model server at {self.base_url} broke off the stream: {exc}"
                 ) from None
+            finally:
+                await response.aclose()
 
-    async def _open_with_retries(
-        self, stack: contextlib.AsyncExitStack, request: GenerationRequest
-    ) -> Any:
-        """The streaming response, opened; the SDK raises for error statuses."""
-        messages: list[dict[str, str]] = []
-        if request.system:
-            messages.append({"role": "system", "content": request.system})
-        messages.append({"role": "user", "content": request.prompt})
+    async def _open_with_retries(self, request: GenerationRequest) -> httpx.Response:
+        """The streaming response, its status checked; the caller closes it."""
+        body = _completion_body(self.model, request)
         attempt = 0
         while True:
             try:
-                # The raw stream: the SDK's typed chunks cost more CPU than the
-                # whole rest of a token's way to the client.
-                return await stack.enter_async_context(
-                    self._client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
-                        model=self.model,
-                        messages=messages,
-                        stream=True,
-                        stream_options={"include_usage": True},
-                        max_tokens=request.max_tokens,
-                        temperature=request.temperature,
-                        seed=request.seed,
-                        stop=list(request.stop) or None,
-                        top_p=openai.NOT_GIVEN if request.top_p is None else request.top_p,
-                        # top_k is not in OpenAI's API; vLLM and Ollama read it here.
-                        extra_body={"top_k": request.top_k} if request.top_k else None,
-                    )
-                )
-            except openai.OpenAIError as exc:
-                error = _translate(exc, self.base_url)
+                return await self._send("POST", "chat/completions", body, stream=True)
+            except BackendError as error:
                 if not error.retryable or attempt >= self.max_retries:
-                    raise error from None
+                    raise
             attempt += 1
             # Full jitter keeps many workers from retrying in lockstep.
             await asyncio.sleep(random.uniform(0, self.retry_backoff_s * 2**attempt))  # noqa: S311
 
-    async def check(self) -> str:
+    async def _send(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, stream: bool = False
+    ) -> httpx.Response:
+        """One request; transport failures and error statuses become ``BackendError``."""
         try:
-            models = await self._client.models.list()
-        except openai.OpenAIError as exc:
-            raise _translate(exc, self.base_url) from None
-        names = [model.id for model in models.data]
+            response = await self._client.send(
+                self._client.build_request(method, path, json=body), stream=stream
+            )
+        except httpx.TimeoutException:
+            message = f"the model server at {self.base_url} timed out"
+            raise BackendUnavailableError(message) from None
+        except httpx.HTTPError as exc:
+            raise BackendUnavailableError(
+                f"the model server at {self.base_url} is unreachable ({type(exc).__name__})"
+            ) from None
+        if response.is_success:
+            return response
+        try:
+            text = (await response.aread()).decode(errors="replace")
+        except httpx.HTTPError:
+            text = ""  # the status alone says enough
+        finally:
+            await response.aclose()
+        raise _status_error(response.status_code, text, self.base_url)
+
+    async def check(self) -> str:
+        response = await self._send("GET", "models")
+        try:
+            names = [str(model["id"]) for model in response.json()["data"]]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BackendError(
+                f"the model server at {self.base_url} sent a malformed model list ({exc}): "
+                f"{response.text[:200]!r}"
+            ) from None
         if names and self.model not in names:
             raise BackendError(
                 f"{self.base_url} does not serve model {self.model!r} "
@@ -122,7 +142,33 @@ class OpenAICompatibleBackend(Backend):
         return f"{self.model} at {self.base_url}"
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._client.aclose()
+
+
+def _completion_body(model: str, request: GenerationRequest) -> dict[str, Any]:
+    """The chat completions request for ``request``; options left unset are left out."""
+    messages: list[dict[str, str]] = []
+    if request.system:
+        messages.append({"role": "system", "content": request.system})
+    messages.append({"role": "user", "content": request.prompt})
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+    }
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.top_k:
+        # top_k is not in OpenAI's API; vLLM and Ollama read it here.
+        body["top_k"] = request.top_k
+    return body
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -161,15 +207,19 @@ def _parse_chunk(data: str, base_url: str) -> list[Delta]:
     return deltas
 
 
-def _translate(exc: openai.OpenAIError, base_url: str) -> BackendError:
-    """Map an SDK error onto forgeline's errors, keeping the server's words."""
-    if isinstance(exc, openai.APITimeoutError):
-        return BackendUnavailableError(f"the model server at {base_url} timed out")
-    if isinstance(exc, openai.APIConnectionError):
-        return BackendUnavailableError(f"the model server at {base_url} is unreachable")
-    if isinstance(exc, openai.APIStatusError):
-        message = f"the model server at {base_url} answered {exc.status_code}: {exc.message}"
-        if exc.status_code in RETRYABLE_STATUS:
-            return BackendUnavailableError(message)
-        return BackendError(message)
-    return BackendError(f"the model server at {base_url} failed: {exc}")
+def _status_error(status: int, body: str, base_url: str) -> BackendError:
+    """Map an error status onto forgeline's errors, keeping the server's words.
+
+    OpenAI-style servers put them in ``{"error": {"message": ...}}``; others
+    answer plain text or HTML, quoted as it is, shortened.
+    """
+    detail = body.strip()
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        error = json.loads(detail)["error"]
+        detail = str(error["message"] if isinstance(error, dict) else error)
+    message = f"the model server at {base_url} answered {status}"
+    if detail:
+        message += f": {detail[:ERROR_BODY_CHARS]}"
+    if status in RETRYABLE_STATUS:
+        return BackendUnavailableError(message)
+    return BackendError(message)

@@ -18,12 +18,15 @@ from tests.support.processes import free_port
 
 pytestmark = pytest.mark.slow
 
-#: Regression guard on the uncompressed size. The issue's target is 250 MB;
-#: numpy (54 MB with OpenBLAS, for the built-in model), the openai SDK (30 MB)
-#: and the built-in model's weights (16 MB with forgeline) keep the image
-#: above it on a 130 MB python base, and the rate limiter, metrics and
-#: telemetry hooks add a little more (374 MB measured).
-SIZE_LIMIT_MB = 400
+#: Regression guard on the uncompressed size: 346 MB measured (374 MB while
+#: the openai SDK was a dependency). The issue's target of 250 MB is out of
+#: reach on the local python base (162 MB) without giving up function: of
+#: the 182 MB environment, numpy with OpenBLAS (53 MB, for the built-in
+#: model), SQLAlchemy (20 MB), the built-in model's weights (15 MB), obstore
+#: (13 MB), psycopg's bundled libpq and OpenSSL (11 MB), pygments (rich's, 9
+#: MB), beartype (coredis's, for the Redis rate limiter, 9 MB) and pydantic
+#: (9 MB) are each in use.
+SIZE_LIMIT_MB = 360
 #: How the deploy files run forgeline: every container hardened the same way.
 HARDENED = (
     "--read-only",

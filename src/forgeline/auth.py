@@ -11,6 +11,7 @@ so every listening replica forgets the key at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -109,6 +110,9 @@ class KeyService:
         self._secret_key = secret_key
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, ApiKey]] = {}
+        #: Lookups under way, by digest: a burst of requests with one uncached
+        #: key waits on one query instead of each sending its own.
+        self._lookups: dict[str, asyncio.Future[ApiKey | None]] = {}
 
     def digest(self, token: str) -> str:
         """The keyed hash stored for ``token``."""
@@ -194,10 +198,18 @@ class KeyService:
         if prefix is None:
             return None
         digest = self.digest(token)
-        now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._look_up(prefix, digest))
+            self._lookups[digest] = lookup
+            lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+        # Shielded: one waiter giving up must not cancel the others' answer.
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, prefix: str, digest: str) -> ApiKey | None:
         async with self.sessions() as session:
             row = await session.scalar(select(ApiKeyRow).where(ApiKeyRow.prefix == prefix))
         key = None
@@ -208,7 +220,7 @@ class KeyService:
             # works at once, and made-up keys cannot fill the cache.
             if len(self._cache) > 10_000:  # a flood of made-up keys must not grow memory
                 self._cache.clear()
-            self._cache[digest] = (now + self.cache_s, key)
+            self._cache[digest] = (time.monotonic() + self.cache_s, key)
         return key
 
     def forget(self, prefix: str) -> None:

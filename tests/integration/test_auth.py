@@ -11,13 +11,14 @@ import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 
 from forgeline.api.app import create_app
-from forgeline.auth import KeyService, prefix_of
+from forgeline.auth import KeyService, prefix_of, resolve_secret_key
+from forgeline.db.engine import SessionFactory
 from forgeline.runtime import Runtime
 from forgeline.settings import Settings
 from forgeline.storage import artifact_key
@@ -138,6 +139,30 @@ async def test_keys_are_stored_as_keyed_hashes_only(runtime: Runtime) -> None:
     elsewhere = KeyService(runtime.sessions, b"another secret", cache_s=0)
     assert await elsewhere.authenticate(new.token) is None
     assert await runtime.keys.authenticate(new.token) == new.key
+
+
+async def test_a_burst_with_one_uncached_key_looks_it_up_once(runtime: Runtime) -> None:
+    """Fifty requests at once with a key not yet cached wait on one query, and all pass."""
+    new = await runtime.keys.create("burst")
+    queries = 0
+
+    def counting_sessions() -> Any:
+        nonlocal queries
+        queries += 1
+        return runtime.sessions()
+
+    keys = KeyService(
+        cast(SessionFactory, counting_sessions), resolve_secret_key(runtime.settings), cache_s=60
+    )
+    found = await asyncio.gather(*(keys.authenticate(new.token) for _ in range(50)))
+    assert found == [new.key] * 50
+    assert queries == 1
+    unknown = new.token[:-4] + "AAAA"
+    assert await asyncio.gather(keys.authenticate(unknown), keys.authenticate(unknown)) == [
+        None,
+        None,
+    ]
+    assert queries == 2
 
 
 async def test_admin_routes_refuse_user_keys(

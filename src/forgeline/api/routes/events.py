@@ -149,7 +149,7 @@ async def stream_events(
 ) -> EventSourceResponse:
     """Server-sent events: replay after ``Last-Event-ID`` (or ``after``), then live."""
     start = _start_after(last_event_id, after)
-    job = await jobs.get(job_id, owner=key.owner)
+    job = await jobs.get(job_id, owner=key.owner, artifacts=False)
     streams: StreamSlots = request.app.state.streams
     streams.check(key)
 
@@ -207,7 +207,7 @@ async def stream_websocket(
         await websocket.close(code=WS_UNAUTHORIZED, reason=exc.message[:120])
         return
     try:
-        job = await runtime.jobs.get(job_id, owner=key.owner)
+        job = await runtime.jobs.get(job_id, owner=key.owner, artifacts=False)
     except ForgelineError:
         await websocket.close(code=WS_NOT_FOUND, reason="no such job")
         return

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from forgeline.jobs.queue import POOL_WAIT_S
 from tests.acceptance.conftest import ProcessFactory
 from tests.acceptance.test_streams import long_story, story_input, submit
 from tests.support.auth import AUTH
@@ -22,6 +23,8 @@ from tests.support.processes import ForgelineProcess
 from tests.support.servers import PrivatePostgres, PrivateRedis
 
 DATABASE_OUTAGE_S = 120.0
+#: FORGELINE_DRAIN_TIMEOUT_S of the test processes (tests/conftest.py).
+TEST_DRAIN_S = 2.0
 REDIS_OUTAGE_S = 20.0
 
 
@@ -116,3 +119,27 @@ def test_database_then_redis_outage_is_ridden_out(
     started = time.monotonic()
     assert serve.stop(timeout_s=30) == 0
     print(f"stopped in {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_stop_while_the_database_is_down_stays_inside_the_drain_budget(
+    start_forgeline: ProcessFactory, openai_server: OpenAIServer, postgres: PrivatePostgres
+) -> None:
+    """SIGTERM with PostgreSQL gone: the process still exits 0, within drain + a few seconds.
+
+    The queue's worker unregisters itself through a pooled connection on its
+    way out; with no database that wait must be short, or the orchestrator's
+    grace period runs out and the process is killed.
+    """
+    long_story(openai_server, 100, per_second=20)  # 5 s a job
+    serve = start_forgeline("serve", database_url=postgres.url, auto_migrate="true")
+    submit(serve.url, story_input(100))
+    time.sleep(1)  # it is running
+    postgres.stop()
+    time.sleep(2)
+
+    started = time.monotonic()
+    assert serve.stop(timeout_s=30) == 0, serve.output()[-3000:]
+    stopped_s = time.monotonic() - started
+    print(f"stopped in {stopped_s:.1f} s with the database down")
+    assert stopped_s < TEST_DRAIN_S + POOL_WAIT_S + 5

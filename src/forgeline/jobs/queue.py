@@ -27,6 +27,8 @@ DATABASE_RETRY_DELAY_S = 5.0
 TASK_NAME = "forgeline.run_job"
 #: Longest the queue's pool keeps retrying one connection before starting over.
 RECONNECT_TIMEOUT_S = 30.0
+#: Longest wait for a connection of the queue's pool, failing over to an error.
+POOL_WAIT_S = 5.0
 
 
 class RetryLater(Exception):
@@ -75,6 +77,10 @@ def create_queue_app(conninfo: str, *, pool_size: int = 10) -> App:
         # could be two minutes away. Giving up after 30 s and starting a fresh
         # series when a connection is next needed keeps the wait short.
         reconnect_timeout=RECONNECT_TIMEOUT_S,
+        # The longest wait for a pooled connection (default 30 s). A stopping
+        # worker unregisters itself through the pool in a step no cancellation
+        # reaches; with the database down, this wait is what bounds its exit.
+        timeout=POOL_WAIT_S,
     )
     return App(connector=connector)
 

@@ -35,6 +35,20 @@ SOURCE_LABEL = "org.forgeline.test.source"
 
 #: Folders of the debootstrapped root that no container needs.
 ROOTFS_TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "var/lib/apt/lists")
+#: What Debian's own slim images leave out of every package, the ones
+#: installed later included (debuerreotype's "slimify"): documentation,
+#: manuals and translations, keeping copyrights and the locale aliases.
+DPKG_SLIM = """\
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/linda/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+"""
 
 
 class PodmanMissingError(RuntimeError):
@@ -160,6 +174,10 @@ class Podman:
             for folder in ROOTFS_TRIM:
                 for child in (root / folder).glob("*"):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
+            for child in (root / "usr/share/locale").glob("*"):
+                if child.name != "locale.alias":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            (root / "etc/dpkg/dpkg.cfg.d/docker").write_text(DPKG_SLIM)
             for cached in (root / "var/cache/apt").glob("**/*"):
                 if cached.is_file():
                     cached.unlink()

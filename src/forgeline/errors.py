@@ -1,7 +1,7 @@
 """forgeline's error hierarchy.
 
 Adapters translate driver and SDK errors into these at their boundary, so code
-above them (services, pipelines, routes) never catches ``psycopg`` or ``httpx``
+above them (services, pipelines, routes) never catches ``psycopg`` or ``aiohttp``
 exceptions. Each error carries a stable ``code`` that reaches clients in the
 JSON error envelope and in a failed job's ``error.code``.
 """

@@ -50,5 +50,5 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level.upper())
     # Procrastinate logs every job at info; keep it to warnings unless debugging.
     if settings.log_level != "debug":
-        for noisy in ("procrastinate", "alembic", "pgserver", "httpx", "httpx2"):
+        for noisy in ("procrastinate", "alembic", "pgserver", "httpx", "aiohttp"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

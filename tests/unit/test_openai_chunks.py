@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from unittest import mock
 
+import aiohttp
 import pytest
 
 from forgeline.backends.base import Delta, GenerationRequest, Usage
 from forgeline.backends.openai_compat import (
     _completion_body,
+    _lines,
     _parse_chunk,
     _sse_data,
     _status_error,
@@ -18,7 +22,7 @@ from forgeline.errors import BackendError, BackendUnavailableError
 URL = "http://model:8080/v1"
 
 
-async def _lines(*lines: str) -> AsyncIterator[str]:
+async def _given(*lines: str) -> AsyncIterator[str]:
     for line in lines:
         yield line
 
@@ -28,10 +32,24 @@ async def test_sse_data_joins_multiline_data_and_skips_comments() -> None:
     events = [
         data
         async for data in _sse_data(
-            _lines(": keep-alive", "", "data: one", "", "event: x", "data: a", "data: b", "")
+            _given(": keep-alive", "", "data: one", "", "event: x", "data: a", "data: b", "")
         )
     ]
     assert events == ["one", "a\nb"]
+
+
+async def test_body_lines_are_whole_however_the_bytes_arrive() -> None:
+    """Lines split across reads, CRLF endings, a character cut in two, a line over 64 KiB."""
+    reader = aiohttp.StreamReader(
+        mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop()
+    )
+    long_line = "data: " + "x" * 100_000
+    pieces = [b"data: h", b"\xc3", b"\xa9llo\r\n", b"\r\n", long_line.encode(), b"\n", b"tail"]
+    for piece in pieces:
+        reader.feed_data(piece)
+    reader.feed_eof()
+
+    assert [line async for line in _lines(reader)] == ["data: h\u00e9llo", "", long_line, "tail"]
 
 
 def test_chunks_yield_usage_then_content() -> None:

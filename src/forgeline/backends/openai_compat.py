@@ -1,4 +1,4 @@
-"""A backend for any OpenAI-compatible server, spoken over plain httpx.
+"""A backend for any OpenAI-compatible server, spoken over plain aiohttp.
 
 vLLM, Ollama, llama.cpp's server, TGI, OpenAI itself and Gemini's
 OpenAI-compatible endpoint all speak the chat completions protocol, so one
@@ -10,7 +10,10 @@ clients) takes over instead.
 Two endpoints are all it takes (``POST chat/completions`` streamed as
 server-sent events, ``GET models``), so there is no SDK: the official one
 weighed more than the rest of the HTTP stack, and its typed chunks cost more
-CPU than a token's whole way to the client.
+CPU than a token's whole way to the client. The client is aiohttp rather
+than httpx: a worker reads every token of every stream it runs, and
+aiohttp's C parser does that for about a third of httpx's CPU (42 against
+150 microseconds a chunk, 128 paced streams on one core).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import random
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from forgeline import __version__
 from forgeline.backends.base import Backend, Delta, GenerationRequest, Usage
@@ -59,40 +62,56 @@ class OpenAICompatibleBackend(Backend):
         headers = {"User-Agent": f"forgeline/{__version__}"}
         if api_key:  # local servers need none
             headers["Authorization"] = f"Bearer {api_key}"
-        # base_url ends up with a trailing slash, so relative paths keep its
-        # own path (``.../v1`` + ``chat/completions``). The semaphore caps the
-        # streams; the pool only keeps their connections alive between them.
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_concurrency),
-            follow_redirects=True,
+        self._headers = headers
+        # Relative paths keep base_url's own path (``.../v1`` + ``/chat/completions``).
+        self._base = base_url.rstrip("/") + "/"
+        # sock_read bounds the silence between two reads, as a read timeout does.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout_s, sock_read=timeout_s
         )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        """The HTTP session, made on first use (aiohttp wants a running loop).
+
+        The semaphore caps the streams; the session only keeps their
+        connections alive between them. Proxy variables and SSL_CERT_FILE
+        are honoured, as for any other client of the machine.
+        """
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=0),
+                trust_env=True,
+            )
+        return self._session
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         async with self._slots:
             response = await self._open_with_retries(request)
             try:
-                async for data in _sse_data(response.aiter_lines()):
+                async for data in _sse_data(_lines(response.content)):
                     if data == "[DONE]":
                         return
                     for delta in _parse_chunk(data, self.base_url):
                         yield delta
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 raise BackendUnavailableError(
-                    f"the model server at {self.base_url} broke off the stream: {exc}"
+                    f"the model server at {self.base_url} broke off the stream: "
+                    f"{exc or type(exc).__name__}"
                 ) from None
             finally:
-                await response.aclose()
+                # Back to the pool if the body was read to its end, else closed.
+                response.release()
 
-    async def _open_with_retries(self, request: GenerationRequest) -> httpx.Response:
-        """The streaming response, its status checked; the caller closes it."""
+    async def _open_with_retries(self, request: GenerationRequest) -> aiohttp.ClientResponse:
+        """The streaming response, its status checked; the caller releases it."""
         body = _completion_body(self.model, request)
         attempt = 0
         while True:
             try:
-                return await self._send("POST", "chat/completions", body, stream=True)
+                return await self._send("POST", "chat/completions", body)
             except BackendError as error:
                 if not error.retryable or attempt >= self.max_retries:
                     raise
@@ -101,38 +120,44 @@ class OpenAICompatibleBackend(Backend):
             await asyncio.sleep(random.uniform(0, self.retry_backoff_s * 2**attempt))  # noqa: S311
 
     async def _send(
-        self, method: str, path: str, body: dict[str, Any] | None = None, *, stream: bool = False
-    ) -> httpx.Response:
-        """One request; transport failures and error statuses become ``BackendError``."""
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> aiohttp.ClientResponse:
+        """One request, its body left to read; failures and error statuses are ``BackendError``."""
         try:
-            response = await self._client.send(
-                self._client.build_request(method, path, json=body), stream=stream
-            )
-        except httpx.TimeoutException:
+            response = await self._client().request(method, self._base + path, json=body)
+        except TimeoutError:
             message = f"the model server at {self.base_url} timed out"
             raise BackendUnavailableError(message) from None
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise BackendUnavailableError(
                 f"the model server at {self.base_url} is unreachable ({type(exc).__name__})"
             ) from None
-        if response.is_success:
+        if 200 <= response.status < 300:
             return response
         try:
-            text = (await response.aread()).decode(errors="replace")
-        except httpx.HTTPError:
+            text = (await response.read()).decode(errors="replace")
+        except (aiohttp.ClientError, TimeoutError):
             text = ""  # the status alone says enough
         finally:
-            await response.aclose()
-        raise _status_error(response.status_code, text, self.base_url)
+            response.release()
+        raise _status_error(response.status, text, self.base_url)
 
     async def check(self) -> str:
         response = await self._send("GET", "models")
         try:
-            names = [str(model["id"]) for model in response.json()["data"]]
+            text = (await response.read()).decode(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendUnavailableError(
+                f"the model server at {self.base_url} broke off its model list ({exc})"
+            ) from None
+        finally:
+            response.release()
+        try:
+            names = [str(model["id"]) for model in json.loads(text)["data"]]
         except (ValueError, TypeError, KeyError) as exc:
             raise BackendError(
                 f"the model server at {self.base_url} sent a malformed model list ({exc}): "
-                f"{response.text[:200]!r}"
+                f"{text[:200]!r}"
             ) from None
         if names and self.model not in names:
             raise BackendError(
@@ -142,7 +167,8 @@ class OpenAICompatibleBackend(Backend):
         return f"{self.model} at {self.base_url}"
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 def _completion_body(model: str, request: GenerationRequest) -> dict[str, Any]:
@@ -169,6 +195,22 @@ def _completion_body(model: str, request: GenerationRequest) -> dict[str, Any]:
         # top_k is not in OpenAI's API; vLLM and Ollama read it here.
         body["top_k"] = request.top_k
     return body
+
+
+async def _lines(body: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The body's lines without their endings (LF or CRLF), however long.
+
+    Split as bytes, then decoded: a newline byte never occurs inside a
+    UTF-8 character, so no character is cut.
+    """
+    pending = b""
+    async for chunk in body.iter_any():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode(errors="replace")
+    if pending:
+        yield pending.removesuffix(b"\r").decode(errors="replace")
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:

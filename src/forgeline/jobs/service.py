@@ -90,9 +90,10 @@ class Quota:
             .select_from(JobRow)
             .where(JobRow.owner == owner, JobRow.status.in_(ACTIVE_STATUSES))
         )
-        if int(active or 0) > self.max_active_jobs:
+        others = int(active or 0) - 1  # the count includes the job being submitted
+        if others >= self.max_active_jobs:
             raise RateLimitedError(
-                f"this key already has {int(active or 0) - 1} queued or running jobs (the cap "
+                f"this key already has {others} queued or running jobs (the cap "
                 f"is {self.max_active_jobs}); wait for one to finish",
                 retry_after_s=5,
             )

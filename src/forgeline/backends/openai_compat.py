@@ -206,6 +206,8 @@ async def _lines(body: aiohttp.StreamReader) -> AsyncIterator[str]:
     pending = b""
     async for chunk in body.iter_any():
         pending += chunk
+        if b"\n" not in chunk:
+            continue  # a line still arriving: nothing to split yet
         *lines, pending = pending.split(b"\n")
         for line in lines:
             yield line.removesuffix(b"\r").decode(errors="replace")
